@@ -1,0 +1,1 @@
+"""DeepCORO-JAX: video-report pretraining for coronary angiography in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Flax (linen) models: one model per file, each returning ``(out, aux)``."""

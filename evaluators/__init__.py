@@ -1,0 +1,1 @@
+"""Evaluator plugins, chosen by ``config.evals[name].type``."""

@@ -1,0 +1,1 @@
+"""Data preparation and the tf.data training pipeline (the only TensorFlow users)."""

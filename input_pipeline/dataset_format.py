@@ -1,0 +1,280 @@
+"""The on-disk format of prepared datasets: what `prepare` writes and the pipeline reads.
+
+A prepared dataset is a TFDS-readable folder (``tfds.builder_from_directory``):
+
+    DIR/
+    deepcoro-train.tfrecord-00000-of-00004 ...  TFRecord shards of tf.train.Example
+    dataset_info.json, features.json            TFDS metadata
+    deepcoro_dataset.json                       DatasetMeta: size, frames, labels, tokenizer
+    spm.model                                   SentencePiece model trained on train reports
+    prepare_report.json                         what `prepare` wrote and what failed
+
+One example is one video:
+
+    frames          [T, size, size, 1] uint8, each frame a PNG (lossless) or JPEG
+    num_frames      int32, T
+    fps             float32, frames per second of the source (0 when unknown)
+    report          the study's report text
+    study_id        StudyInstanceUID (or the file path when the manifest has none)
+    path            the video's path as written in the manifest
+    row             int32, the manifest row (0-based, header excluded)
+    study_index     int32, the study's index within its split
+    video_in_study  int32, this video's index within its study
+    videos_in_study int32, how many videos of the study the split holds
+    labels          {column: float32 (NaN when missing) or text}, the label columns
+
+Within a split, the videos of one study are written consecutively and in one
+shard, so a pipeline that reads shards in order sees each study whole.
+
+The frames are read still encoded (a string per frame) so the pipeline decodes
+only the frames it samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+DATASET_NAME = "deepcoro"
+FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+META_FILE = "deepcoro_dataset.json"
+TOKENIZER_FILE = "spm.model"
+FRAME_FORMATS = ("png", "jpeg")
+LABEL_KINDS = ("float", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+    """What a prepared dataset holds beyond TFDS's own metadata."""
+
+    size: int
+    frame_format: str = "png"
+    label_columns: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> kind
+    tokenizer: str | None = TOKENIZER_FILE  # relative to the dataset folder, or a spec
+
+    def __post_init__(self):
+        if self.frame_format not in FRAME_FORMATS:
+            raise ValueError(
+                f"frame_format must be one of {FRAME_FORMATS}, got {self.frame_format!r}"
+            )
+        for name, kind in self.label_columns.items():
+            if kind not in LABEL_KINDS:
+                raise ValueError(
+                    f"label column {name!r}: kind must be one of {LABEL_KINDS}, got {kind!r}"
+                )
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> DatasetMeta:
+        return cls(**d)
+
+
+def build_features(meta: DatasetMeta) -> tfds.features.FeaturesDict:
+    """The TFDS feature spec of one example (see the module docstring)."""
+    spec = {
+        "frames": tfds.features.Video(
+            shape=(None, meta.size, meta.size, 1), encoding_format=meta.frame_format
+        ),
+        "num_frames": np.int32,
+        "fps": np.float32,
+        "report": tfds.features.Text(),
+        "study_id": tfds.features.Text(),
+        "path": tfds.features.Text(),
+        "row": np.int32,
+        "study_index": np.int32,
+        "video_in_study": np.int32,
+        "videos_in_study": np.int32,
+    }
+    if meta.label_columns:
+        spec["labels"] = tfds.features.FeaturesDict(
+            {
+                name: (np.float32 if kind == "float" else tfds.features.Text())
+                for name, kind in meta.label_columns.items()
+            }
+        )
+    return tfds.features.FeaturesDict(spec)
+
+
+def encode_frames(
+    frames: np.ndarray, frame_format: str = "png", jpeg_quality: int = 95
+) -> list[bytes]:
+    """Encodes uint8 frames [T, H, W] or [T, H, W, 1] as one PNG or JPEG per frame."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be [T, H, W] or [T, H, W, 1], got shape {frames.shape}")
+    encoded = []
+    for frame in frames:
+        buf = io.BytesIO()
+        if frame_format == "png":
+            Image.fromarray(frame).save(buf, format="PNG", compress_level=1)
+        elif frame_format == "jpeg":
+            Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality)
+        else:
+            raise ValueError(f"frame_format must be one of {FRAME_FORMATS}, got {frame_format!r}")
+        encoded.append(buf.getvalue())
+    return encoded
+
+
+def serialize_example(features: tfds.features.FeaturesDict, example: dict) -> bytes:
+    """Serialises one example; ``example['frames']`` is a list of encoded frames."""
+    example = dict(example)
+    example["frames"] = [io.BytesIO(b) for b in example["frames"]]
+    return features.serialize_example(example)
+
+
+class SplitWriter:
+    """Writes the serialised examples of one split into TFRecord shards.
+
+    A new shard starts only at a study boundary (``new_study=True``), so a study
+    never spans two shards. Shards are named with their final count when the
+    writer is closed.
+    """
+
+    def __init__(self, data_dir: str, split: str, examples_per_shard: int = 1024):
+        self.data_dir = data_dir
+        self.split = split
+        self.examples_per_shard = examples_per_shard
+        self.shard_lengths: list[int] = []
+        self.num_bytes = 0
+        self._paths: list[str] = []
+        self._writer: tf.io.TFRecordWriter | None = None
+
+    def write(self, serialized: bytes, new_study: bool) -> None:
+        full = self.shard_lengths and self.shard_lengths[-1] >= self.examples_per_shard
+        if self._writer is None or (new_study and full):
+            self._open_next()
+        self._writer.write(serialized)
+        self.shard_lengths[-1] += 1
+        self.num_bytes += len(serialized)
+
+    def _open_next(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        path = os.path.join(self.data_dir, f".{self.split}-{len(self._paths):05d}.tmp")
+        self._paths.append(path)
+        self.shard_lengths.append(0)
+        self._writer = tf.io.TFRecordWriter(path)
+
+    def close(self) -> tfds.core.SplitInfo:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        template = _template(self.data_dir, self.split)
+        num_shards = len(self._paths)
+        for index, path in enumerate(self._paths):
+            os.replace(
+                path, os.fspath(template.sharded_filepath(shard_index=index, num_shards=num_shards))
+            )
+        return tfds.core.SplitInfo(
+            name=self.split,
+            shard_lengths=list(self.shard_lengths),
+            num_bytes=self.num_bytes,
+            filename_template=template,
+        )
+
+
+def _template(data_dir: str, split: str) -> tfds.core.ShardedFileTemplate:
+    return tfds.core.ShardedFileTemplate(
+        data_dir=epath.Path(data_dir),
+        template=FILENAME_TEMPLATE,
+        dataset_name=DATASET_NAME,
+        split=split,
+        filetype_suffix="tfrecord",
+    )
+
+
+def write_metadata(
+    data_dir: str,
+    meta: DatasetMeta,
+    split_infos: Sequence[tfds.core.SplitInfo],
+    description: str = "",
+) -> None:
+    """Writes the TFDS metadata and `META_FILE`, after every split was closed."""
+    tfds.folder_dataset.write_metadata(
+        data_dir=data_dir,
+        features=build_features(meta),
+        split_infos=[s for s in split_infos if sum(s.shard_lengths)],
+        filename_template=FILENAME_TEMPLATE,
+        check_data=False,
+        description=description or "Angiography videos with their reports (DeepCORO-JAX prepare).",
+    )
+    with open(os.path.join(data_dir, META_FILE), "w") as f:
+        json.dump(meta.to_json(), f, indent=2)
+
+
+def load_meta(data_dir: str) -> DatasetMeta:
+    path = os.path.join(data_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {data_dir} is not a prepared dataset (run input_pipeline.prepare)"
+        )
+    with open(path) as f:
+        return DatasetMeta.from_json(json.load(f))
+
+
+def tokenizer_spec(data_dir: str) -> str:
+    """The tokenizer spec (deepcoro_jax.tokenizers.get_tokenizer) stored with a dataset."""
+    meta = load_meta(data_dir)
+    if meta.tokenizer is None:
+        raise ValueError(f"the dataset at {data_dir} stores no tokenizer; give one in the config")
+    if ":" in meta.tokenizer or os.path.isabs(meta.tokenizer):
+        return meta.tokenizer
+    return "sp:" + os.path.join(data_dir, meta.tokenizer)
+
+
+def builder(data_dir: str) -> tfds.core.DatasetBuilder:
+    return tfds.builder_from_directory(data_dir)
+
+
+def num_examples(data_dir: str, split: str) -> int:
+    return builder(data_dir).info.splits[split].num_examples
+
+
+def read_split(
+    data_dir: str,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle_files: bool = False,
+    seed: int | None = None,
+    decode_frames: bool = False,
+) -> tf.data.Dataset:
+    """One process's part of a split, as a tf.data.Dataset of example dicts.
+
+    The split is divided into `process_count` disjoint, near-equal parts that
+    together hold every example once (``tfds.even_splits``); this process reads
+    part `process_index`. Frames stay encoded (a string each, ``[T]``) unless
+    `decode_frames`. Without `shuffle_files` the order is the written order.
+    """
+    ds_builder = builder(data_dir)
+    if split not in ds_builder.info.splits:
+        raise ValueError(
+            f"split {split!r} not in {data_dir}; it has {sorted(ds_builder.info.splits.keys())}"
+        )
+    part = tfds.even_splits(split, n=process_count)[process_index]
+    decoders = None if decode_frames else {"frames": tfds.decode.SkipDecoding()}
+    read_config = tfds.ReadConfig(
+        shuffle_seed=seed,
+        interleave_cycle_length=16 if shuffle_files else 1,
+        skip_prefetch=True,
+        try_autocache=False,
+    )
+    return ds_builder.as_dataset(
+        split=part, shuffle_files=shuffle_files, decoders=decoders, read_config=read_config
+    )
