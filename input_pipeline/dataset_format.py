@@ -42,13 +42,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
+
+from input_pipeline.video_io import FRAME_FORMATS, encode_frames  # noqa: F401 (part of the format)
 
 DATASET_NAME = "deepcoro"
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 META_FILE = "deepcoro_dataset.json"
 TOKENIZER_FILE = "spm.model"
-FRAME_FORMATS = ("png", "jpeg")
 LABEL_KINDS = ("float", "text")
 
 
@@ -104,30 +104,6 @@ def build_features(meta: DatasetMeta) -> tfds.features.FeaturesDict:
             }
         )
     return tfds.features.FeaturesDict(spec)
-
-
-def encode_frames(
-    frames: np.ndarray, frame_format: str = "png", jpeg_quality: int = 95
-) -> list[bytes]:
-    """Encodes uint8 frames [T, H, W] or [T, H, W, 1] as one PNG or JPEG per frame."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
-    if frames.ndim == 4 and frames.shape[-1] == 1:
-        frames = frames[..., 0]
-    if frames.ndim != 3:
-        raise ValueError(f"frames must be [T, H, W] or [T, H, W, 1], got shape {frames.shape}")
-    encoded = []
-    for frame in frames:
-        buf = io.BytesIO()
-        if frame_format == "png":
-            Image.fromarray(frame).save(buf, format="PNG", compress_level=1)
-        elif frame_format == "jpeg":
-            Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality)
-        else:
-            raise ValueError(f"frame_format must be one of {FRAME_FORMATS}, got {frame_format!r}")
-        encoded.append(buf.getvalue())
-    return encoded
 
 
 def serialize_example(features: tfds.features.FeaturesDict, example: dict) -> bytes:
