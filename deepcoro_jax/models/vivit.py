@@ -1,0 +1,320 @@
+"""ViViT video encoder: tubelet embedding, joint or factorised attention, pooled embedding.
+
+One ``ViViT`` module encodes a batch of videos [B, T, H, W, C] (float pixels)
+or of studies [B, V, T, H, W, C] with a ``video_mask`` [B, V]. The tubelet
+embedding is a 3D convolution with kernel = stride = ``patch_size`` (pt, ph, pw),
+giving a (T', H', W') grid of N = T'*H'*W' tokens flattened row-major (the
+order of ``mvm.patchify``). Learned positional embeddings are factorised,
+temporal [T', D] + spatial [H'*W', D], sized from ``num_frames`` and
+``image_size`` and resized (linear in time, bilinear in space) for other grids.
+
+``attention_type``:
+  * ``'joint'``: pre-LN blocks with space-time attention over all tokens.
+    ``tokens`` are the final LayerNorm of the blocks' outputs, one per token.
+  * ``'factorized_encoder'`` (ViViT model 2): ``depth`` spatial blocks attend
+    within each frame; the frame's representation is the mean of its spatial
+    outputs (after ``spatial_norm``); ``temporal_depth`` blocks attend across
+    these T' frame representations (temporal positional embedding added
+    there). ``tokens[(t, s)] = LayerNorm(spatial_out[t, s] + temporal_out[t])``:
+    every token keeps its spatial detail and gains its frame's temporal context.
+
+``keep_indices`` [B, K] (int, into the flattened grid) encodes only those
+tokens, each with its own positional embedding, so the transformer's cost
+scales with K (masked video modelling). The factorised encoder needs the same
+number of kept tokens in every frame, sorted by frame (``mvm.tube_mask``
+gives this): K must be a multiple of T' (checked from the shapes), and when
+the indices are concrete (not traced under ``jit``) their range and per-frame
+layout are checked too; a ValueError names what is wrong. Under ``jit``
+out-of-range indices would be clamped silently, so pass indices from
+``mvm.random_mask`` / ``mvm.tube_mask``.
+
+Returns ``(pooled [B, D], aux)`` with aux 'tokens' [B, L, D], 'token_mask'
+[B, L] bool, 'pooled' and 'grid' = (T', H', W') as Python ints (static even
+while tracing; a jitted function returning aux turns them into arrays).
+L = N, or K with ``keep_indices``; for study input the tokens of video v
+occupy [v*L', (v+1)*L') with L = V*L'; tokens of padded videos are zero
+and ``token_mask`` False there. The pooled embedding is MAP attention pooling
+(``pool_type='map'``) or the mean (``'mean'``) over the valid tokens only, so
+padded videos never influence any output; a study with no valid video pools
+to zeros. Outputs are in the compute ``dtype``; parameters are float32.
+
+Parameter counts (joint attention, 16x224x224x1 input, patch 2x16x16; each
+extra input channel adds 512 * D; tested in tests/test_vivit.py):
+
+  size     encoder       with MAP head
+  mu           145,984         195,904
+  tiny       5,476,416       5,921,088
+  small     21,569,664      23,343,744
+  base      85,606,656      92,693,760
+  large    303,045,632     315,640,832
+
+Not here: the MVM decoder and masks (``mvm.py``), heads and losses.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepcoro_jax.models.common import Dtype, EncoderBlock, MAPHead, resize_posemb
+from deepcoro_jax.models.mvm import Grid, tubelet_grid
+
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    # name: (hidden_size, depth, mlp_dim, num_heads)
+    "mu": (64, 2, 256, 2),
+    "tiny": (192, 12, 768, 3),
+    "small": (384, 12, 1536, 6),
+    "base": (768, 12, 3072, 12),
+    "large": (1024, 24, 4096, 16),
+}
+ATTENTION_TYPES = ("joint", "factorized_encoder")
+POOL_TYPES = ("map", "mean")
+
+
+def vivit_kwargs(size: str) -> dict[str, int]:
+    """ViViT constructor arguments for a named size (see ``SIZES``)."""
+    if size not in SIZES:
+        raise ValueError(f"vivit_kwargs: unknown size {size!r}; choose one of {list(SIZES)}")
+    hidden_size, depth, mlp_dim, num_heads = SIZES[size]
+    return {"hidden_size": hidden_size, "depth": depth, "mlp_dim": mlp_dim, "num_heads": num_heads}
+
+
+def _concrete(x: jax.Array) -> np.ndarray | None:
+    """The value of ``x`` as NumPy, or None when it is traced (inside jit/grad)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+class ViViT(nn.Module):
+    """Video Vision Transformer encoder; see the module docstring for inputs and outputs.
+
+    Attributes:
+        hidden_size, depth, mlp_dim, num_heads: transformer size (``depth`` is
+            the number of spatial blocks for the factorised encoder).
+        patch_size: tubelet size (pt, ph, pw).
+        num_frames, image_size: the input size the positional embeddings are
+            sized for (image_size an int or (H, W)).
+        attention_type: 'joint' or 'factorized_encoder'.
+        temporal_depth: number of temporal blocks of the factorised encoder.
+        pool_type: 'map' or 'mean'.
+        dropout: dropout rate after the embeddings and inside the blocks.
+        remat: rematerialise each block in the backward pass (saves memory).
+        dtype: compute dtype.
+    """
+
+    hidden_size: int = 64
+    depth: int = 2
+    mlp_dim: int = 256
+    num_heads: int = 2
+    patch_size: tuple[int, int, int] = (2, 16, 16)
+    num_frames: int = 16
+    image_size: int | tuple[int, int] = 224
+    attention_type: str = "joint"
+    temporal_depth: int = 4
+    pool_type: str = "map"
+    dropout: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> "ViViT":
+        """A ViViT of a named size (``SIZES``), other attributes from ``overrides``."""
+        return cls(**{**vivit_kwargs(size), **overrides})
+
+    def _posemb(self, grid: Grid) -> tuple[jax.Array, jax.Array]:
+        """Temporal [T', D] and spatial [H'*W', D] embeddings, resized to ``grid``."""
+        image_h, image_w = (
+            (self.image_size, self.image_size)
+            if isinstance(self.image_size, int)
+            else self.image_size
+        )
+        param_t, param_h, param_w = tubelet_grid(
+            (self.num_frames, image_h, image_w, 1), self.patch_size
+        )
+        temporal = self.param(
+            "pos_embedding_temporal",
+            nn.initializers.normal(stddev=0.02),
+            (param_t, self.hidden_size),
+            jnp.float32,
+        )
+        spatial = self.param(
+            "pos_embedding_spatial",
+            nn.initializers.normal(stddev=0.02),
+            (param_h * param_w, self.hidden_size),
+            jnp.float32,
+        )
+        t, h, w = grid
+        temporal = resize_posemb(temporal, (t,))
+        spatial = resize_posemb(spatial.reshape(param_h, param_w, self.hidden_size), (h, w))
+        return temporal.astype(self.dtype), spatial.reshape(h * w, -1).astype(self.dtype)
+
+    def _blocks(self, x: jax.Array, depth: int, prefix: str, train: bool) -> jax.Array:
+        block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+        for i in range(depth):
+            block = block_cls(
+                self.mlp_dim, self.num_heads, self.dropout, dtype=self.dtype, name=f"{prefix}_{i}"
+            )
+            x = block(x, None, train)
+        return x
+
+    def _check_keep_indices(self, keep_indices: jax.Array, grid: Grid) -> None:
+        t, h, w = grid
+        num_tokens = t * h * w
+        if self.attention_type == "factorized_encoder" and keep_indices.shape[1] % t:
+            raise ValueError(
+                f"ViViT(factorized_encoder): keep_indices keeps {keep_indices.shape[1]} tokens, "
+                f"not a multiple of the T'={t} frames; it needs the same number of kept "
+                "tokens in every frame (tube masking, mvm.tube_mask)"
+            )
+        indices = _concrete(keep_indices)
+        if indices is None:
+            return
+        if indices.min(initial=0) < 0 or indices.max(initial=0) >= num_tokens:
+            raise ValueError(
+                f"ViViT: keep_indices must lie in [0, {num_tokens}) for grid {grid}, got "
+                f"values in [{indices.min()}, {indices.max()}]"
+            )
+        if self.attention_type == "factorized_encoder":
+            frames = (indices // (h * w)).reshape(indices.shape[0], t, -1)  # [B, T', K_s]
+            if np.any(frames != np.arange(t)[None, :, None]):
+                raise ValueError(
+                    "ViViT(factorized_encoder): keep_indices must keep the same number of "
+                    "tokens in every frame, sorted by frame (use mvm.tube_mask)"
+                )
+
+    def _encode_videos(
+        self, video: jax.Array, keep_indices: jax.Array | None, train: bool
+    ) -> tuple[jax.Array, Grid]:
+        """[B, T, H, W, C] (+ keep [B, K]) -> tokens [B, L, D] and the (T', H', W') grid."""
+        grid = tubelet_grid(video.shape, self.patch_size)
+        t, h, w = grid
+        batch = video.shape[0]
+        num_spatial = h * w
+        if keep_indices is not None:
+            if keep_indices.shape[0] != batch:
+                raise ValueError(
+                    f"ViViT: keep_indices {keep_indices.shape} must be [B, K] with B = {batch}"
+                )
+            self._check_keep_indices(keep_indices, grid)
+
+        x = nn.Conv(
+            self.hidden_size,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            dtype=self.dtype,
+            name="embedding",
+        )(video)  # [B, T', H', W', D]
+        x = x.reshape(batch, t * num_spatial, self.hidden_size)  # [B, N, D]
+        temporal, spatial = self._posemb(grid)
+
+        if self.attention_type == "joint":
+            posemb = (temporal[:, None, :] + spatial[None]).reshape(t * num_spatial, -1)  # [N, D]
+            x = x + posemb
+            if keep_indices is not None:
+                x = jnp.take_along_axis(x, keep_indices[:, :, None], axis=1)  # [B, K, D]
+            x = nn.Dropout(self.dropout)(x, deterministic=not train)
+            x = self._blocks(x, self.depth, "encoderblock", train)
+            return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), grid
+
+        if keep_indices is None:
+            x = x.reshape(batch, t, num_spatial, self.hidden_size) + spatial  # [B, T', S, D]
+        else:
+            x = jnp.take_along_axis(x, keep_indices[:, :, None], axis=1)  # [B, K, D]
+            x = x + spatial[keep_indices % num_spatial]  # [B, K, D]
+            x = x.reshape(batch, t, -1, self.hidden_size)  # [B, T', K_s, D]
+        tokens_per_frame = x.shape[2]
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = x.reshape(batch * t, tokens_per_frame, self.hidden_size)  # [B*T', S, D]
+        x = self._blocks(x, self.depth, "encoderblock", train)
+        x = nn.LayerNorm(dtype=self.dtype, name="spatial_norm")(x)
+        x = x.reshape(batch, t, tokens_per_frame, self.hidden_size)  # [B, T', S, D]
+        frames = x.mean(axis=2) + temporal  # [B, T', D]
+        frames = self._blocks(frames, self.temporal_depth, "temporalblock", train)
+        x = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x + frames[:, :, None, :])
+        return x.reshape(batch, t * tokens_per_frame, self.hidden_size), grid
+
+    @nn.compact
+    def __call__(
+        self,
+        video: jax.Array,
+        *,
+        video_mask: jax.Array | None = None,
+        keep_indices: jax.Array | None = None,
+        train: bool = False,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Encodes videos or studies.
+
+        Args:
+            video: float pixels, [B, T, H, W, C] or a study batch [B, V, T, H, W, C].
+            video_mask: [B, V] bool, True for real videos; required with study
+                input, not allowed otherwise.
+            keep_indices: optional int [B, K] ([B, V, K] for study input) indices
+                into the flattened (T', H', W') grid: encode only those tokens.
+            train: enables dropout (needs a 'dropout' rng).
+
+        Returns:
+            pooled [B, D] and aux {'tokens', 'token_mask', 'pooled', 'grid'}.
+        """
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(
+                f"ViViT: attention_type={self.attention_type!r}; choose one of {ATTENTION_TYPES}"
+            )
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"ViViT: pool_type={self.pool_type!r}; choose one of {POOL_TYPES}")
+        if not jnp.issubdtype(video.dtype, jnp.floating):
+            raise ValueError(
+                f"ViViT: video must hold float pixel values (normalised), got dtype {video.dtype}"
+            )
+        is_study = video.ndim == 6
+        if video.ndim == 5:
+            if video_mask is not None:
+                raise ValueError(
+                    "ViViT: video_mask is only for study input [B, V, T, H, W, C]; got video "
+                    f"{video.shape}"
+                )
+            batch, num_videos = video.shape[0], 1
+            video_mask = jnp.ones((batch, 1), bool)
+        elif is_study:
+            batch, num_videos = video.shape[:2]
+            if video_mask is None or video_mask.shape != (batch, num_videos):
+                raise ValueError(
+                    f"ViViT: study input {video.shape} needs video_mask of shape "
+                    f"[B, V] = {(batch, num_videos)}, got "
+                    f"{None if video_mask is None else video_mask.shape}"
+                )
+            video = video.reshape(batch * num_videos, *video.shape[2:])  # [B*V, T, H, W, C]
+        else:
+            raise ValueError(
+                f"ViViT: video must be [B, T, H, W, C] or [B, V, T, H, W, C], got {video.shape}"
+            )
+        if keep_indices is not None:
+            leading = (batch, num_videos) if is_study else (batch,)
+            if keep_indices.shape[:-1] != leading:
+                raise ValueError(
+                    f"ViViT: keep_indices must be {'[B, V, K]' if is_study else '[B, K]'} with "
+                    f"leading dims {leading}, got {keep_indices.shape}"
+                )
+            keep_indices = keep_indices.reshape(batch * num_videos, -1)  # [B*V, K]
+
+        tokens, grid = self._encode_videos(video, keep_indices, train)  # [B*V, L', D]
+        tokens_per_video = tokens.shape[1]
+        tokens = tokens.reshape(batch, num_videos * tokens_per_video, -1)  # [B, V*L', D]
+        token_mask = jnp.repeat(video_mask.astype(bool), tokens_per_video, axis=1)  # [B, V*L']
+        tokens = jnp.where(token_mask[:, :, None], tokens, jnp.zeros((), tokens.dtype))
+
+        if self.pool_type == "map":
+            pooled = MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype, name="map_head")(
+                tokens, token_mask
+            )
+        else:
+            count = jnp.maximum(token_mask.sum(axis=1, keepdims=True), 1)  # [B, 1]
+            # Padded tokens are zero, so the sum runs over the valid ones only.
+            pooled = (tokens.astype(jnp.float32).sum(axis=1) / count).astype(tokens.dtype)
+        pooled = jnp.where(token_mask.any(axis=1, keepdims=True), pooled, 0)
+        aux = {"tokens": tokens, "token_mask": token_mask, "pooled": pooled, "grid": grid}
+        return pooled, aux
