@@ -1,0 +1,242 @@
+"""Ranking metrics for video->report and report->video retrieval.
+
+For: the pure metric functions the retrieval evaluator calls on a similarity matrix
+(Recall@K, nDCG@K, MRR, median/mean rank, Recall@K per disease stratum, alignment of
+true pairs) and the candidate/relevance bookkeeping for a split where several
+videos share one report. NumPy only, linear time per query (no full sorts), chunked
+over queries so temporaries stay near 100 MB at any size (1k queries x 100k
+candidates: about 1 s on one CPU core).
+
+Not for: running the model or logging (the evaluator plugin does that), text or
+clinical metrics of generated reports (captioning.py, text_metrics.py).
+
+Conventions, shared by every function here:
+- Ranks are 1-based. Ties in similarity are ranked pessimistically: a non-relevant
+  candidate that scores the same as a relevant one is ranked before it. So a model
+  that gives every candidate the same score gets the worst possible ranks, never
+  credit for a lucky tie. The order among tied relevant candidates does not matter
+  (relevance is binary).
+- The rank of a query is the rank of its FIRST (best-ranked) relevant candidate:
+  1 + #(non-relevant candidates with sim >= the best relevant sim).
+- recall@K: the first relevant candidate is in the top K. ndcg@K: binary relevance,
+  DCG@K = sum over ranks i <= K of rel_i / log2(i + 1), divided by the ideal DCG of
+  min(#relevant, K) hits at ranks 1, 2, ...
+- K larger than the number of candidates is clamped to it (the key keeps the K asked).
+- Queries with no relevant candidate are left out of every average and counted
+  in `num_queries_without_relevant`; `num_queries` counts the queries averaged over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from deepcoro_jax import reports
+
+# Queries per chunk are chosen so a chunk's temporaries stay near this many elements.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _check_inputs(sim: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sim = np.asarray(sim)
+    relevant = np.asarray(relevant)
+    if sim.ndim != 2:
+        raise ValueError(f"sim must be a [queries, candidates] matrix, got shape {sim.shape}")
+    if relevant.shape != sim.shape:
+        raise ValueError(f"relevant has shape {relevant.shape}, sim has shape {sim.shape}: "
+                         "they must match")
+    if relevant.dtype != np.bool_:
+        raise TypeError(f"relevant must be a boolean array, got dtype {relevant.dtype}")
+    if not np.issubdtype(sim.dtype, np.floating) and not np.issubdtype(sim.dtype, np.integer):
+        raise TypeError(f"sim must be a real-valued array, got dtype {sim.dtype}")
+    if sim.shape[1] == 0:
+        raise ValueError("sim has no candidates (0 columns)")
+    if np.issubdtype(sim.dtype, np.integer):
+        sim = sim.astype(np.float64)  # negated below; unsigned integers would wrap
+    if np.isnan(sim).any():
+        raise ValueError("sim contains NaN")
+    return sim, relevant
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1
+                     for k in ks):
+        raise ValueError(f"ks={ks!r}: expected a non-empty sequence of positive integers")
+    return tuple(int(k) for k in ks)
+
+
+def _query_chunks(num_queries: int, num_candidates: int) -> tuple[range, int]:
+    """Start rows of the query chunks, and the chunk length."""
+    chunk = max(1, _CHUNK_ELEMENTS // num_candidates)
+    return range(0, num_queries, chunk), chunk
+
+
+def _first_relevant_ranks(sim: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """[Q] 1-based rank of each query's first relevant candidate; 0 where there is none."""
+    ranks = np.zeros(sim.shape[0], np.int64)
+    starts, chunk = _query_chunks(*sim.shape)
+    for start in starts:
+        sim_chunk, relevant_chunk = sim[start:start + chunk], relevant[start:start + chunk]
+        best_relevant = np.where(relevant_chunk, sim_chunk, -np.inf).max(axis=1)  # [q]
+        ahead = (~relevant_chunk & (sim_chunk >= best_relevant[:, None])).sum(axis=1)
+        ranks[start:start + chunk] = np.where(relevant_chunk.any(axis=1), 1 + ahead, 0)
+    return ranks
+
+
+def _top_relevance(sim: np.ndarray, relevant: np.ndarray, top: int) -> np.ndarray:
+    """[Q, top] relevance of the candidates at ranks 1..top (pessimistic ties)."""
+    num_candidates = sim.shape[1]
+    top_relevant = np.zeros((sim.shape[0], top), bool)
+    positions = np.arange(top)
+    starts, chunk = _query_chunks(*sim.shape)
+    for start in starts:
+        sim_chunk, relevant_chunk = sim[start:start + chunk], relevant[start:start + chunk]
+        # The last `top` columns of the partition hold a top-`top` set (any one among
+        # candidates tied at its lowest score, the boundary).
+        kth = num_candidates - top
+        order = np.argpartition(sim_chunk, kth, axis=1)[:, kth:]  # [q, top]
+        top_sim = np.take_along_axis(sim_chunk, order, axis=1)
+        top_rel = np.take_along_axis(relevant_chunk, order, axis=1)
+        # Sort by score descending, non-relevant first among equal scores.
+        by_rank = np.lexsort((top_rel, -top_sim), axis=1)
+        top_sim = np.take_along_axis(top_sim, by_rank, axis=1)
+        top_rel = np.take_along_axis(top_rel, by_rank, axis=1)
+        # Candidates tied with the boundary score may lie outside the selected set;
+        # the tied block at the end of the top is filled non-relevant first, from the
+        # whole row's tied candidates.
+        boundary = top_sim[:, -1:]  # [q, 1]
+        above_boundary = (top_sim > boundary).sum(axis=1, keepdims=True)  # [q, 1]
+        tied_non_relevant = (~relevant_chunk & (sim_chunk == boundary)).sum(
+            axis=1, keepdims=True)  # [q, 1]
+        in_tied_block = positions[None, :] >= above_boundary
+        tied_block_relevant = positions[None, :] - above_boundary >= tied_non_relevant
+        top_relevant[start:start + chunk] = np.where(in_tied_block, tied_block_relevant, top_rel)
+    return top_relevant
+
+
+def retrieval_metrics(sim: np.ndarray, relevant: np.ndarray,
+                      ks: Sequence[int] = (1, 5, 10, 50)) -> dict[str, float]:
+    """Recall@K, nDCG@K, MRR, median and mean rank of a retrieval (see module docstring).
+
+    sim: [queries, candidates] similarity, higher is better.
+    relevant: [queries, candidates] bool, the candidates that count as a hit.
+    Returns keys recall@K and ndcg@K for each K, mrr, median_rank, mean_rank,
+    num_queries and num_queries_without_relevant.
+    """
+    sim, relevant = _check_inputs(sim, relevant)
+    ks = _check_ks(ks)
+    num_candidates = sim.shape[1]
+    num_relevant = relevant.sum(axis=1)  # [Q]
+    has_relevant = num_relevant > 0
+    if not has_relevant.any():
+        raise ValueError("relevant: no query has a relevant candidate")
+    top = min(max(ks), num_candidates)
+    # Computed for every query, then restricted (no copy of sim).
+    ranks = _first_relevant_ranks(sim, relevant)[has_relevant]  # [Q']
+    top_relevant = _top_relevance(sim, relevant, top)[has_relevant]  # [Q', top]
+    num_relevant = num_relevant[has_relevant]  # [Q']
+    discounts = 1.0 / np.log2(np.arange(2, top + 2))  # [top]
+    metrics = {}
+    for k in ks:
+        k_clamped = min(k, num_candidates)
+        metrics[f"recall@{k}"] = float(np.mean(ranks <= k_clamped))
+    for k in ks:
+        k_clamped = min(k, num_candidates)
+        dcg = top_relevant[:, :k_clamped] @ discounts[:k_clamped]  # [Q]
+        ideal_dcg = np.cumsum(discounts)[np.minimum(num_relevant, k_clamped) - 1]  # [Q]
+        metrics[f"ndcg@{k}"] = float(np.mean(dcg / ideal_dcg))
+    metrics["mrr"] = float(np.mean(1.0 / ranks))
+    metrics["median_rank"] = float(np.median(ranks))
+    metrics["mean_rank"] = float(np.mean(ranks))
+    metrics["num_queries"] = float(len(ranks))
+    metrics["num_queries_without_relevant"] = float(np.sum(~has_relevant))
+    return metrics
+
+
+def unique_reports(report_texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The retrieval candidates of a split: its distinct report texts.
+
+    Videos whose report texts are identical (same string) share one candidate, so a
+    video->report query counts a hit on the one text of its study, and a report->video
+    query counts every video with that text as relevant.
+    Returns (candidates in order of first appearance, [V] int index of each video's
+    candidate).
+    """
+    if isinstance(report_texts, str):
+        raise TypeError("report_texts must be a sequence of str, got one str")
+    candidates: dict[str, int] = {}
+    index_per_video = np.empty(len(report_texts), np.int64)
+    for video, text in enumerate(report_texts):
+        if not isinstance(text, str):
+            raise TypeError(f"report_texts[{video}] must be a str, got {type(text)}")
+        index_per_video[video] = candidates.setdefault(text, len(candidates))
+    return list(candidates), index_per_video
+
+
+def relevance_matrices(index_per_video: np.ndarray,
+                       num_reports: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `relevant` matrices of both directions from `unique_reports`' index.
+
+    Returns (video_to_report [V, R], report_to_video [R, V]) booleans: video v and
+    report r are relevant to each other when v's report is r.
+    """
+    index_per_video = np.asarray(index_per_video)
+    if index_per_video.ndim != 1 or not np.issubdtype(index_per_video.dtype, np.integer):
+        raise ValueError("index_per_video must be a 1-D integer array, got shape "
+                         f"{index_per_video.shape} dtype {index_per_video.dtype}")
+    if index_per_video.size and (index_per_video.min() < 0
+                                 or index_per_video.max() >= num_reports):
+        raise ValueError(f"index_per_video must lie in [0, num_reports={num_reports})")
+    video_to_report = index_per_video[:, None] == np.arange(num_reports)[None, :]  # [V, R]
+    return video_to_report, video_to_report.T.copy()
+
+
+def stratified_recall(sim: np.ndarray, relevant: np.ndarray, strata_per_query: Sequence[str],
+                      ks: Sequence[int] = (1, 5, 10, 50)) -> dict[str, float]:
+    """Recall@K per stratum of the query's study (reports.STRATA: most severe finding).
+
+    For video->report retrieval: does the embedding rank the right report as well for
+    diseased studies as for normal ones? strata_per_query: [Q] one of reports.STRATA
+    per query (e.g. `reports.stratum(reports.parse(report))`). Returns
+    '{stratum}/recall@{k}' for each stratum with at least one query that has a
+    relevant candidate, and '{stratum}/num_queries' (those queries) for every stratum.
+    Ties, clamping and queries without a relevant candidate as in `retrieval_metrics`.
+    """
+    sim, relevant = _check_inputs(sim, relevant)
+    ks = _check_ks(ks)
+    strata = np.asarray(strata_per_query, dtype=object)
+    if strata.shape != (sim.shape[0],):
+        raise ValueError(f"strata_per_query has {strata.size} entries, sim has "
+                         f"{sim.shape[0]} queries: they must match")
+    unknown = sorted(set(strata.tolist()) - set(reports.STRATA))
+    if unknown:
+        raise ValueError(f"strata_per_query: unknown strata {unknown}; expected {reports.STRATA}")
+    ranks = _first_relevant_ranks(sim, relevant)  # [Q], 0 without a relevant candidate
+    metrics = {}
+    for stratum in reports.STRATA:
+        stratum_ranks = ranks[(strata == stratum) & (ranks > 0)]
+        metrics[f"{stratum}/num_queries"] = float(len(stratum_ranks))
+        if len(stratum_ranks):
+            for k in ks:
+                recall = np.mean(stratum_ranks <= min(k, sim.shape[1]))
+                metrics[f"{stratum}/recall@{k}"] = float(recall)
+    return metrics
+
+
+def alignment(video_emb: np.ndarray, text_emb: np.ndarray) -> float:
+    """Mean cosine similarity of true pairs: row i of video_emb with row i of text_emb."""
+    video_emb = np.asarray(video_emb, np.float64)
+    text_emb = np.asarray(text_emb, np.float64)
+    if video_emb.ndim != 2 or video_emb.shape != text_emb.shape or not len(video_emb):
+        raise ValueError(f"video_emb {video_emb.shape} and text_emb {text_emb.shape} must be "
+                         "non-empty [N, D] matrices of the same shape")
+    norms = {}
+    for name, emb in (("video_emb", video_emb), ("text_emb", text_emb)):
+        norms[name] = np.linalg.norm(emb, axis=1)  # [N]
+        if not np.all(norms[name] > 0):
+            raise ValueError(f"{name} has a zero row (row {int(np.argmin(norms[name]))}): "
+                             "cosine similarity is undefined")
+    cosines = np.sum(video_emb * text_emb, axis=1) / (norms["video_emb"] * norms["text_emb"])
+    return float(np.mean(cosines))
