@@ -1,0 +1,601 @@
+"""Preprocessing ops for the tf.data pipeline, registered by name and composed from a string.
+
+    pp = ("decode_sample_frames(16, stride=2)|random_resized_crop(224)|value_range(-1, 1)"
+          "|tokenize(64)|tokenize_caption(128)|keep('video', 'frame_mask', 'text_ids', ...)")
+    preprocess = get_preprocess_fn(pp, train=True, data_dir=DIR)  # dict -> dict, TF ops
+
+Each op is a small ``dict -> dict`` TensorFlow function of one example (the
+feature dict of ``dataset_format``) with in-key / out-key arguments. Arguments
+are Python literals. Keyword-only arguments named like a context entry
+(``train``, ``data_dir``) are filled from the context unless the string gives
+them; the pipeline passes ``train`` and ``data_dir``.
+
+Randomness is stateless and per example: random ops read the example's
+``_seed`` ([2] int64, added by ``pipeline.make_train_dataset``); op number i
+of the string sees that seed folded with i, so two runs with the same seeds
+augment identically whatever the parallelism. A random op without ``_seed``
+raises. All random choices are made once per clip, never per frame.
+
+Pixel values stay on the 0..255 scale through the spatial and intensity ops
+(uint8 after decoding, float32 after any resampling); ``value_range`` maps
+them to the model's range at the end. Nothing here flips images unless
+``flip_left_right`` is asked for: coronary anatomy is lateralised.
+
+Not here: reading shards, shuffling, batching (``pipeline.py``); decoding
+source videos (``prepare.py``).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from deepcoro_jax.tokenizers import get_tokenizer
+from input_pipeline import dataset_format
+
+Example = dict[str, tf.Tensor]
+Op = Callable[[Example], Example]
+
+SEED_KEY = "_seed"
+PAD_MODES = ("last", "zeros")
+
+OPS: dict[str, Callable[..., Op]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+    """Registers an op factory under `name` (the name used in pp strings)."""
+
+    def add(factory: Callable[..., Op]) -> Callable[..., Op]:
+        if name in OPS:
+            raise ValueError(f"pp op {name!r} is registered twice")
+        OPS[name] = factory
+        return factory
+
+    return add
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _split_ops(pp: str) -> list[str]:
+    """Splits `pp` at the '|' that are outside quotes and brackets."""
+    parts, current, depth, quote = [], [], 0, None
+    for char in pp:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
+
+
+def _literal(node: ast.AST, text: str):
+    try:
+        return ast.literal_eval(node)
+    except ValueError as e:
+        raise ValueError(
+            f"pp op {text!r}: argument {ast.unparse(node)!r} is not a Python literal"
+        ) from e
+
+
+def _parse_call(text: str) -> tuple[str, tuple, dict]:
+    """'name(1, k="v")' -> ('name', (1,), {'k': 'v'}); a bare 'name' has no arguments."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"pp op {text!r} is not a valid op call: {e.msg}") from e
+    if isinstance(node, ast.Name):
+        return node.id, (), {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise ValueError(f"pp op {text!r} is not of the form name(args...)")
+    for arg in node.args:
+        if isinstance(arg, ast.Starred):
+            raise ValueError(f"pp op {text!r}: *args are not supported")
+    for keyword in node.keywords:
+        if keyword.arg is None:
+            raise ValueError(f"pp op {text!r}: **kwargs are not supported")
+    args = tuple(_literal(a, text) for a in node.args)
+    kwargs = {k.arg: _literal(k.value, text) for k in node.keywords}
+    return node.func.id, args, kwargs
+
+
+def _build_op(text: str, context: dict) -> Op:
+    name, args, kwargs = _parse_call(text)
+    if name not in OPS:
+        raise ValueError(f"unknown pp op {name!r} in {text!r}; known ops: {', '.join(sorted(OPS))}")
+    factory = OPS[name]
+    signature = inspect.signature(factory)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+        for key, value in context.items():
+            parameter = signature.parameters.get(key)
+            if (
+                parameter is not None
+                and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+                and key not in bound.arguments
+            ):
+                bound.arguments[key] = value
+        signature.bind(*bound.args, **bound.kwargs)
+        return factory(*bound.args, **bound.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"pp op {text!r}: {e}") from e
+
+
+def get_preprocess_fn(pp: str, **context) -> Callable[[Example], Example]:
+    """Parses a pp string into one ``dict -> dict`` function (see the module docstring).
+
+    `context` fills keyword-only op arguments of the same name (e.g. ``train``,
+    ``data_dir``) that the string does not set. Unknown op names, malformed
+    calls and bad arguments raise ValueError naming the op.
+    """
+    texts = _split_ops(pp)
+    if any(not t for t in texts):
+        raise ValueError(f"pp string {pp!r} has an empty op (a stray '|'?)")
+    ops = [_build_op(t, context) for t in texts]
+
+    @tf.autograph.experimental.do_not_convert  # plain TF ops: tracing needs no autograph
+    def preprocess(data: Example) -> Example:
+        data = dict(data)
+        base_seed = data.pop(SEED_KEY, None)
+        for index, op in enumerate(ops):
+            if base_seed is not None:
+                data[SEED_KEY] = tf.random.experimental.stateless_fold_in(base_seed, index)
+            data = op(data)
+            data.pop(SEED_KEY, None)
+        return data
+
+    return preprocess
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _get(data: Example, key: str, op: str) -> tf.Tensor:
+    if key not in data:
+        raise KeyError(f"pp op {op}: key {key!r} not in the example (keys: {sorted(data)})")
+    return data[key]
+
+
+def _seed(data: Example, op: str) -> tf.Tensor:
+    if SEED_KEY not in data:
+        raise ValueError(
+            f"pp op {op} is random and needs a per-example {SEED_KEY!r} ([2] int64 seed); "
+            "pipeline.make_train_dataset adds it. Use the deterministic ops for evaluation."
+        )
+    return data[SEED_KEY]
+
+
+def _uniform(seed: tf.Tensor, salt: int, low: float, high: float) -> tf.Tensor:
+    """A float32 scalar ~ U(low, high) from `seed`; `salt` separates draws of one op."""
+    seed = tf.random.experimental.stateless_fold_in(seed, salt)
+    return tf.random.stateless_uniform([], seed, minval=low, maxval=high)
+
+
+def _randint(seed: tf.Tensor, salt: int, maxval: tf.Tensor) -> tf.Tensor:
+    """An int32 scalar ~ U{0, ..., maxval - 1} from `seed`."""
+    seed = tf.random.experimental.stateless_fold_in(seed, salt)
+    return tf.random.stateless_uniform([], seed, minval=0, maxval=maxval, dtype=tf.int32)
+
+
+def _size_pair(size: int | tuple[int, int], op: str) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise ValueError(f"{op}: size must be a positive int or (height, width), got {size!r}")
+    return pair
+
+
+def _check_range(name: str, value: float, low: float, high: float, op: str) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value!r}")
+
+
+def _resize(video: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """Bilinear (antialiased when shrinking) resize of [T, H, W, C] to float32 [T, *size, C]."""
+    return tf.image.resize(tf.cast(video, tf.float32), size, method="bilinear", antialias=True)
+
+
+# ----------------------------------------------------------------------------- temporal
+
+
+@register("decode_sample_frames")
+def decode_sample_frames(
+    num_frames: int,
+    stride: int = 1,
+    *,
+    target_fps: float | None = None,
+    pad: str = "last",
+    train: bool = False,
+    key: str = "frames",
+    outkey: str = "video",
+    mask_key: str = "frame_mask",
+    indices_key: str = "frame_indices",
+) -> Op:
+    """Picks `num_frames` frames `stride` apart from the encoded frames and decodes only those.
+
+    The clip covers ``span = (num_frames - 1) * stride + 1`` source frames. With
+    ``train`` its start is uniform over the valid starts, otherwise the clip is
+    centred: start ``(T - span) // 2``. With `target_fps`, the stride is
+    ``max(1, round(fps / target_fps))`` from the example's ``fps``; where the fps
+    is unknown (0) the `stride` argument is used. A video shorter than the span
+    starts at frame 0 and is padded (`pad`: 'last' repeats the last frame,
+    'zeros' uses black frames); ``mask_key`` [num_frames] bool is False for
+    padded frames. Outputs `outkey` uint8 [num_frames, H, W, 1], `mask_key`, and
+    `indices_key` int32 [num_frames], the source frame each output frame shows
+    (the last frame's index for padding).
+    """
+    op = "decode_sample_frames"
+    if not (isinstance(num_frames, int) and num_frames > 0):
+        raise ValueError(f"{op}: num_frames must be a positive int, got {num_frames!r}")
+    if not (isinstance(stride, int) and stride > 0):
+        raise ValueError(f"{op}: stride must be a positive int, got {stride!r}")
+    if target_fps is not None and not target_fps > 0:
+        raise ValueError(f"{op}: target_fps must be positive, got {target_fps!r}")
+    if pad not in PAD_MODES:
+        raise ValueError(f"{op}: pad must be one of {PAD_MODES}, got {pad!r}")
+
+    def decode(encoded: tf.Tensor) -> tf.Tensor:
+        return tf.io.decode_image(encoded, channels=1, expand_animations=False)
+
+    def apply(data: Example) -> Example:
+        frames = _get(data, key, op)  # [T] encoded
+        total = tf.shape(frames)[0]
+        check = tf.debugging.Assert(
+            total > 0, [f"{op}: no frames in {key!r} of the video", data.get("path", "")]
+        )
+        with tf.control_dependencies([check]):
+            total = tf.identity(total)
+        step = tf.constant(stride, tf.int32)
+        if target_fps is not None:
+            fps = _get(data, "fps", op)
+            from_fps = tf.maximum(1, tf.cast(tf.round(fps / target_fps), tf.int32))
+            step = tf.where(fps > 0, from_fps, step)
+        span = (num_frames - 1) * step + 1
+        slack = tf.maximum(total - span, 0)
+        if train:
+            offset = _randint(_seed(data, op), 0, slack + 1)
+        else:
+            offset = slack // 2
+        positions = offset + step * tf.range(num_frames)  # [num_frames]
+        frame_mask = positions < total
+        indices = tf.minimum(positions, total - 1)
+        video = tf.map_fn(
+            decode,
+            tf.gather(frames, indices),
+            fn_output_signature=tf.TensorSpec([None, None, 1], tf.uint8),
+        )  # [num_frames, H, W, 1]
+        if pad == "zeros":
+            video = tf.where(frame_mask[:, None, None, None], video, tf.zeros_like(video))
+        video.set_shape([num_frames, None, None, 1])
+        return {**data, outkey: video, mask_key: frame_mask, indices_key: indices}
+
+    return apply
+
+
+# ----------------------------------------------------------------------------- spatial
+
+
+@register("random_resized_crop")
+def random_resized_crop(
+    size: int | tuple[int, int],
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    *,
+    key: str = "video",
+) -> Op:
+    """Crops one random box (area fraction in `scale`, aspect w/h in `ratio`) from every
+    frame of the clip and resizes it to `size`; the box is clipped to the frame."""
+    op = "random_resized_crop"
+    out_size = _size_pair(size, op)
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"{op}: scale must satisfy 0 < low <= high <= 1, got {scale!r}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"{op}: ratio must satisfy 0 < low <= high, got {ratio!r}")
+
+    def apply(data: Example) -> Example:
+        video = _get(data, key, op)  # [T, H, W, C]
+        seed = _seed(data, op)
+        height, width = tf.shape(video)[1], tf.shape(video)[2]
+        area = tf.cast(height * width, tf.float32) * _uniform(seed, 0, *scale)
+        aspect = tf.exp(_uniform(seed, 1, math.log(ratio[0]), math.log(ratio[1])))
+        crop_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32), 1, width)
+        crop_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), 1, height)
+        top = _randint(seed, 2, height - crop_h + 1)
+        left = _randint(seed, 3, width - crop_w + 1)
+        crop = video[:, top : top + crop_h, left : left + crop_w]  # [T, h, w, C]
+        return {**data, key: _resize(crop, out_size)}
+
+    return apply
+
+
+@register("scale_rotate_jitter")
+def scale_rotate_jitter(
+    max_scale: float = 0.1, max_degrees: float = 10.0, *, key: str = "video"
+) -> Op:
+    """Zooms by a factor in [1 - max_scale, 1 + max_scale] and rotates by an angle in
+    [-max_degrees, max_degrees] about the frame centre, the same for every frame;
+    bilinear, borders filled by reflection. Output float32."""
+    op = "scale_rotate_jitter"
+    _check_range("max_scale", max_scale, 0.0, 0.5, op)
+    _check_range("max_degrees", max_degrees, 0.0, 45.0, op)
+
+    def apply(data: Example) -> Example:
+        video = tf.cast(_get(data, key, op), tf.float32)  # [T, H, W, C]
+        seed = _seed(data, op)
+        zoom = _uniform(seed, 0, 1.0 - max_scale, 1.0 + max_scale)
+        angle = _uniform(seed, 1, -max_degrees, max_degrees) * (math.pi / 180.0)
+        height, width = tf.shape(video)[1], tf.shape(video)[2]
+        center_x = (tf.cast(width, tf.float32) - 1.0) / 2.0
+        center_y = (tf.cast(height, tf.float32) - 1.0) / 2.0
+        # Maps each output pixel to its input pixel: in = c + R(-angle) (out - c) / zoom.
+        a0, a1 = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+        b0, b1 = -tf.sin(angle) / zoom, tf.cos(angle) / zoom
+        a2 = center_x - a0 * center_x - a1 * center_y
+        b2 = center_y - b0 * center_x - b1 * center_y
+        transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None]  # [1, 8]
+        warped = tf.raw_ops.ImageProjectiveTransformV3(
+            images=video,
+            transforms=transform,
+            output_shape=tf.shape(video)[1:3],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",
+        )
+        warped.set_shape(video.shape)
+        return {**data, key: warped}
+
+    return apply
+
+
+@register("central_crop")
+def central_crop(size: int | tuple[int, int], *, key: str = "video") -> Op:
+    """Crops the centre `size` of every frame; the frame must be at least that large."""
+    op = "central_crop"
+    crop_h, crop_w = _size_pair(size, op)
+
+    def apply(data: Example) -> Example:
+        video = _get(data, key, op)  # [T, H, W, C]
+        height, width = tf.shape(video)[1], tf.shape(video)[2]
+        check = tf.debugging.assert_greater_equal(
+            tf.stack([height, width]),
+            tf.constant([crop_h, crop_w]),
+            message=f"{op}: frames smaller than the crop {(crop_h, crop_w)}",
+        )
+        with tf.control_dependencies([check]):
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        crop = video[:, top : top + crop_h, left : left + crop_w]
+        crop.set_shape([video.shape[0], crop_h, crop_w, video.shape[3]])
+        return {**data, key: crop}
+
+    return apply
+
+
+@register("resize")
+def resize(size: int | tuple[int, int], *, key: str = "video") -> Op:
+    """Resizes every frame to `size` (bilinear, antialiased); float32 output."""
+    out_size = _size_pair(size, "resize")
+
+    def apply(data: Example) -> Example:
+        return {**data, key: _resize(_get(data, key, "resize"), out_size)}
+
+    return apply
+
+
+@register("flip_left_right")
+def flip_left_right(prob: float = 0.5, *, key: str = "video") -> Op:
+    """Mirrors the whole clip left-right with probability `prob`. Opt-in only: it swaps the
+    patient's left and right, which angiographic views do not do."""
+    op = "flip_left_right"
+    _check_range("prob", prob, 0.0, 1.0, op)
+
+    def apply(data: Example) -> Example:
+        video = _get(data, key, op)  # [T, H, W, C]
+        flip = _uniform(_seed(data, op), 0, 0.0, 1.0) < prob
+        return {**data, key: tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)}
+
+    return apply
+
+
+# ----------------------------------------------------------------------------- intensity
+
+
+@register("intensity_jitter")
+def intensity_jitter(
+    brightness: float = 0.1, contrast: float = 0.1, gamma: float = 0.1, *, key: str = "video"
+) -> Op:
+    """Random gamma, contrast and brightness, one draw per clip, on the 0..255 scale.
+
+    With x = pixel / 255: x <- x ** g, g ~ U(1 - gamma, 1 + gamma); then
+    x <- mean + c (x - mean), c ~ U(1 - contrast, 1 + contrast), mean over the clip;
+    then x <- x + b, b ~ U(-brightness, brightness); clipped to [0, 1]. Output
+    float32 on 0..255.
+    """
+    op = "intensity_jitter"
+    _check_range("brightness", brightness, 0.0, 1.0, op)
+    _check_range("contrast", contrast, 0.0, 1.0, op)
+    _check_range("gamma", gamma, 0.0, 0.9, op)
+
+    def apply(data: Example) -> Example:
+        x = tf.cast(_get(data, key, op), tf.float32) / 255.0
+        seed = _seed(data, op)
+        x = tf.pow(x, _uniform(seed, 0, 1.0 - gamma, 1.0 + gamma))
+        mean = tf.reduce_mean(x)
+        x = mean + _uniform(seed, 1, 1.0 - contrast, 1.0 + contrast) * (x - mean)
+        x = x + _uniform(seed, 2, -brightness, brightness)
+        return {**data, key: tf.clip_by_value(x, 0.0, 1.0) * 255.0}
+
+    return apply
+
+
+@register("value_range")
+def value_range(
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    in_min: float = 0.0,
+    in_max: float = 255.0,
+    *,
+    key: str = "video",
+) -> Op:
+    """Maps [in_min, in_max] linearly onto [vmin, vmax]; float32 output."""
+    if in_max <= in_min:
+        raise ValueError(f"value_range: in_max must exceed in_min, got {in_min}, {in_max}")
+
+    def apply(data: Example) -> Example:
+        x = tf.cast(_get(data, key, "value_range"), tf.float32)
+        return {**data, key: vmin + (x - in_min) * ((vmax - vmin) / (in_max - in_min))}
+
+    return apply
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _tokenizer(tokenizer: str, data_dir: str | None, op: str):
+    if tokenizer == "dataset":
+        if data_dir is None:
+            raise ValueError(
+                f"{op}: tokenizer='dataset' needs the data_dir context (the pipeline passes it)"
+            )
+        tokenizer = dataset_format.tokenizer_spec(data_dir)
+    return get_tokenizer(tokenizer)
+
+
+def _text(value: bytes | np.ndarray) -> str:
+    """The str of a tf.string scalar as numpy_function passes it (bytes or a 0-d array)."""
+    return np.asarray(value).item().decode("utf-8")
+
+
+@register("tokenize")
+def tokenize(
+    max_len: int,
+    *,
+    tokenizer: str = "dataset",
+    bos: bool = True,
+    eos: bool = True,
+    key: str = "report",
+    outkey: str = "text_ids",
+    mask_key: str = "text_mask",
+    data_dir: str | None = None,
+) -> Op:
+    """Text-encoder ids: [BOS] tokens [EOS] padded with the pad id to `max_len`.
+
+    `tokenizer` is a spec for ``deepcoro_jax.tokenizers.get_tokenizer`` or
+    'dataset' (the dataset's own, from the `data_dir` context). Long reports
+    lose tokens from the end; BOS and EOS (where asked for) are always kept, as
+    BERT does. Outputs `outkey` int32 [max_len] and `mask_key` bool [max_len]
+    (True on BOS, tokens and EOS).
+    """
+    op = "tokenize"
+    specials = int(bos) + int(eos)
+    if not (isinstance(max_len, int) and max_len > specials):
+        raise ValueError(f"{op}: max_len must be an int > {specials}, got {max_len!r}")
+    tok = _tokenizer(tokenizer, data_dir, op)
+
+    def encode(text: bytes) -> tuple[np.ndarray, np.ndarray]:
+        tokens = tok.encode(_text(text))[: max_len - specials]
+        ids = [tok.bos_id] * bos + tokens + [tok.eos_id] * eos
+        padded = np.full([max_len], tok.pad_id, np.int32)
+        padded[: len(ids)] = ids
+        return padded, np.int32(len(ids))
+
+    def apply(data: Example) -> Example:
+        ids, length = tf.numpy_function(
+            encode, [_get(data, key, op)], (tf.int32, tf.int32), stateful=False
+        )
+        ids.set_shape([max_len])
+        length.set_shape([])
+        return {**data, outkey: ids, mask_key: tf.range(max_len) < length}
+
+    return apply
+
+
+@register("tokenize_caption")
+def tokenize_caption(
+    max_len: int,
+    *,
+    tokenizer: str = "dataset",
+    key: str = "report",
+    outkey: str = "caption",
+    data_dir: str | None = None,
+) -> Op:
+    """Decoder input and target ids for teacher forcing, each int32 [max_len].
+
+    ``<outkey>_in`` = [BOS] + tokens and ``<outkey>_out`` = tokens + [EOS], so
+    ``_in[1:] == _out[:-1]`` on real positions; ``<outkey>_mask`` bool marks the
+    real target positions (pad excluded). A report of `max_len` tokens or more
+    is truncated to `max_len` tokens and gets NO EOS (the model is not taught to
+    stop where the report did not end). `tokenizer` as in ``tokenize``.
+    """
+    op = "tokenize_caption"
+    if not (isinstance(max_len, int) and max_len > 1):
+        raise ValueError(f"{op}: max_len must be an int > 1, got {max_len!r}")
+    tok = _tokenizer(tokenizer, data_dir, op)
+
+    def encode(text: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tokens = tok.encode(_text(text))
+        targets = tokens[:max_len] if len(tokens) >= max_len else tokens + [tok.eos_id]
+        inputs = [tok.bos_id] + tokens[: max_len - 1]
+        caption_in = np.full([max_len], tok.pad_id, np.int32)
+        caption_out = np.full([max_len], tok.pad_id, np.int32)
+        caption_in[: len(inputs)] = inputs
+        caption_out[: len(targets)] = targets
+        return caption_in, caption_out, np.int32(len(targets))
+
+    def apply(data: Example) -> Example:
+        caption_in, caption_out, length = tf.numpy_function(
+            encode, [_get(data, key, op)], (tf.int32, tf.int32, tf.int32), stateful=False
+        )
+        caption_in.set_shape([max_len])
+        caption_out.set_shape([max_len])
+        length.set_shape([])
+        return {
+            **data,
+            f"{outkey}_in": caption_in,
+            f"{outkey}_out": caption_out,
+            f"{outkey}_mask": tf.range(max_len) < length,
+        }
+
+    return apply
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+@register("keep")
+def keep(*keys: str) -> Op:
+    """Keeps only `keys` (each must be present)."""
+    if not keys:
+        raise ValueError("keep: give at least one key")
+
+    def apply(data: Example) -> Example:
+        return {k: _get(data, k, "keep") for k in keys}
+
+    return apply
+
+
+@register("flatten_labels")
+def flatten_labels(*, key: str = "labels", prefix: str = "label/") -> Op:
+    """Replaces the nested `key` dict by top-level ``<prefix><name>`` entries."""
+
+    def apply(data: Example) -> Example:
+        labels = _get(data, key, "flatten_labels")
+        if not isinstance(labels, dict):
+            raise ValueError(f"flatten_labels: {key!r} is not a dict of labels")
+        out = {k: v for k, v in data.items() if k != key}
+        out.update({f"{prefix}{name}": value for name, value in labels.items()})
+        return out
+
+    return apply

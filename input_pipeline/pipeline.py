@@ -1,0 +1,371 @@
+"""The tf.data input pipeline: prepared shards -> per-host batches -> global jax.Arrays.
+
+Each process reads its own disjoint part of a split (``dataset_format.read_split``),
+applies a pp string (``ops.py``) and batches its share of the global batch;
+``global_batch`` assembles the per-host batches into arrays sharded over the
+mesh. Training streams are infinite and deterministic given the seed (shuffle,
+epoch reshuffles and augmentation alike) and can be checkpointed and resumed
+exactly (``InputIterator``). Evaluation streams are finite, in order, cover each
+example once and give every process the same number of batches.
+
+Not here: preprocessing ops (``ops.py``), the on-disk format
+(``dataset_format.py``), decoding source videos (``prepare.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from input_pipeline import dataset_format, ops
+
+# TensorFlow only reads and augments on the host; keep it off the accelerators JAX uses.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices (someone used it first).
+    pass
+
+MASK_KEY = "_mask"
+VIDEO_MASK_KEY = "video_mask"
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def _part_sizes(data_dir: str, split: str, process_count: int) -> list[int]:
+    """How many examples each process's part of `split` holds (as ``read_split`` divides it)."""
+    info = dataset_format.builder(data_dir).info
+    if split not in info.splits:
+        raise ValueError(f"split {split!r} not in {data_dir}; it has {sorted(info.splits.keys())}")
+    parts = tfds.even_splits(split, n=process_count)
+    return [info.splits[part].num_examples for part in parts]
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index must be in [0, process_count={process_count}), got {process_index}"
+        )
+
+
+def _with_seed(base_seed: tf.Tensor):
+    def add(index: tf.Tensor, example: dict) -> dict:
+        return {**example, ops.SEED_KEY: tf.random.experimental.stateless_fold_in(base_seed, index)}
+
+    return add
+
+
+def make_train_dataset(
+    data_dir: str,
+    split: str,
+    pp: str,
+    batch_size: int,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle_buffer: int = 1000,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    prefetch: int = 2,
+    study_videos: int | None = None,
+) -> tf.data.Dataset:
+    """An infinite, shuffled stream of this process's batches of `batch_size` examples.
+
+    Video-level (default): one example per video. The process reads its part
+    of the split, files in a seeded order, through a seeded shuffle buffer
+    that reshuffles every epoch; example k of the stream gets the augmentation
+    seed fold_in((seed, process_index), k). The same seed gives the same
+    batches; the ops run with ``train=True`` and ``data_dir`` in their context.
+
+    Study-level (``study_videos=N``): one example per study, every key of the pp
+    output stacked to [N, ...] plus ``video_mask`` [N] bool. A study with fewer
+    than N videos fills the remaining slots with copies of its videos marked
+    False in ``video_mask`` (real videos come first, so slot 0 is always real);
+    one with more contributes a random subset of N (seeded, in view order).
+    Study-level fields (report, text ids, labels) repeat in every slot. A study
+    belongs to the process whose part holds its first video, so studies are
+    never split across processes; a study's files are read in order, so
+    shuffling relies on the shuffle buffer (of studies).
+
+    Iterate with ``InputIterator`` to save and restore the position.
+    """
+    _check_process(process_index, process_count)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if study_videos is not None and study_videos <= 0:
+        raise ValueError(f"study_videos must be positive or None, got {study_videos}")
+    preprocess = ops.get_preprocess_fn(pp, train=True, data_dir=data_dir)
+    base_seed = tf.constant([seed, process_index], tf.int64)
+
+    if study_videos is None:
+        ds = dataset_format.read_split(
+            data_dir,
+            split,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle_files=True,
+            seed=seed,
+        )
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.enumerate().map(_with_seed(base_seed))
+        ds = ds.map(preprocess, num_parallel_calls=num_parallel_calls, deterministic=True)
+    else:
+        ds = _read_studies(data_dir, split, process_index, process_count)
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.enumerate().map(_with_seed(base_seed))
+        ds = ds.map(_select_videos(study_videos), num_parallel_calls=num_parallel_calls)
+        ds = ds.unbatch()
+
+        def preprocess_video(example: dict) -> dict:
+            video_mask = example.pop(VIDEO_MASK_KEY)
+            # Each video holds only its own frames, not the study's padding.
+            example["frames"] = example["frames"][: example["num_frames"]]
+            return {**preprocess(example), VIDEO_MASK_KEY: video_mask}
+
+        ds = ds.map(preprocess_video, num_parallel_calls=num_parallel_calls, deterministic=True)
+        ds = ds.batch(study_videos, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+    return ds.with_options(_options())
+
+
+def _read_studies(
+    data_dir: str, split: str, process_index: int, process_count: int
+) -> tf.data.Dataset:
+    """This process's whole studies of `split`, in order, one example of stacked videos each.
+
+    The part boundaries are those of ``read_split``; a study that straddles one
+    belongs to the part holding its first video, which reads past its end to
+    finish it. In a study example every field is stacked to [n] except
+    ``frames``, the n videos' encoded frames concatenated (``num_frames`` [n]
+    gives each video's length).
+    """
+    sizes = _part_sizes(data_dir, split, process_count)
+    start = sum(sizes[:process_index])
+    end = start + sizes[process_index]
+    ds = dataset_format.builder(data_dir).as_dataset(
+        split=f"{split}[{start}:]",
+        shuffle_files=False,
+        decoders={"frames": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(
+            interleave_cycle_length=1, skip_prefetch=True, try_autocache=False
+        ),
+    )
+
+    def study_start(position: tf.Tensor, example: dict) -> tf.Tensor:
+        return position - tf.cast(example["video_in_study"], tf.int64)
+
+    def starts_before_end(position: tf.Tensor, example: dict) -> tf.Tensor:
+        return study_start(position, example) < end
+
+    def starts_in_part(position: tf.Tensor, example: dict) -> tf.Tensor:
+        return study_start(position, example) >= start
+
+    def drop_position(position: tf.Tensor, example: dict) -> dict:
+        return example
+
+    ds = ds.enumerate(start).take_while(starts_before_end).filter(starts_in_part)
+    return _group_studies(ds.map(drop_position))
+
+
+def _group_studies(videos: tf.data.Dataset) -> tf.data.Dataset:
+    """Consecutive videos of one study -> one study example (see ``_read_studies``).
+
+    A scan accumulates the current study and emits it at its last video
+    (``video_in_study == videos_in_study - 1``); videos out of order raise.
+    """
+
+    def empty(spec: tf.TensorSpec) -> tf.Tensor:
+        return tf.zeros([0, *spec.shape], spec.dtype)
+
+    fields = {k: v for k, v in videos.element_spec.items() if k != "frames"}
+    initial = {
+        "frames": tf.zeros([0], tf.string),
+        **tf.nest.map_structure(empty, fields),
+    }
+
+    def add_video(study: dict, video: dict) -> tuple[dict, tuple[tf.Tensor, dict]]:
+        index = video["video_in_study"]
+        held = tf.shape(study["row"])[0] * tf.cast(index > 0, tf.int32)  # 0 starts a new study
+        check = tf.debugging.Assert(
+            tf.equal(index, held),
+            [
+                "study videos are not consecutive and in order: got video_in_study",
+                index,
+                "of study_index",
+                video["study_index"],
+                "after",
+                held,
+                "videos",
+            ],
+        )
+        with tf.control_dependencies([check]):
+            frames_held = tf.shape(study["frames"])[0] * tf.cast(index > 0, tf.int32)
+        grown = {"frames": tf.concat([study["frames"][:frames_held], video["frames"]], axis=0)}
+        grown.update(
+            tf.nest.map_structure(
+                lambda acc, x: tf.concat([acc[:held], x[None]], axis=0),
+                {k: study[k] for k in fields},
+                {k: video[k] for k in fields},
+            )
+        )
+        complete = tf.equal(index, video["videos_in_study"] - 1)
+        return grown, (complete, grown)
+
+    def is_complete(complete: tf.Tensor, study: dict) -> tf.Tensor:
+        return complete
+
+    def drop_flag(complete: tf.Tensor, study: dict) -> dict:
+        return study
+
+    return videos.scan(initial, add_video).filter(is_complete).map(drop_flag)
+
+
+def _select_videos(study_videos: int):
+    """[n, ...] study -> [study_videos, ...] with ``video_mask``, each slot its own ``_seed``."""
+
+    def select(study: dict) -> dict:
+        seed = study.pop(ops.SEED_KEY)
+        count = tf.shape(study["row"])[0]
+        fold_in = tf.random.experimental.stateless_fold_in
+        draw = tf.random.stateless_uniform([count], fold_in(seed, 0))
+        chosen = tf.sort(tf.argsort(draw)[:study_videos])  # a random subset, in view order
+        real = tf.shape(chosen)[0]
+        slots = tf.concat([chosen, tf.fill([study_videos - real], chosen[0])], axis=0)
+        frames = tf.RaggedTensor.from_row_lengths(study.pop("frames"), study["num_frames"])
+        selected = tf.nest.map_structure(lambda x: tf.gather(x, slots), study)
+        selected["frames"] = tf.gather(frames, slots).to_tensor()  # [study_videos, T_max], '' pads
+        selected[VIDEO_MASK_KEY] = tf.range(study_videos) < real
+        selected[ops.SEED_KEY] = tf.stack(
+            [fold_in(seed, slot + 1) for slot in range(study_videos)]
+        )  # [study_videos, 2]
+        return selected
+
+    return select
+
+
+def make_eval_dataset(
+    data_dir: str,
+    split: str,
+    pp: str,
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    prefetch: int = 2,
+) -> tf.data.Dataset:
+    """A finite, ordered pass over this process's part of `split`, in batches of `batch_size`.
+
+    Every example of the split appears exactly once over all processes, with
+    ``_mask`` True; each process then pads with ``_mask`` False examples (zeros,
+    empty strings) up to ``ceil(largest part / batch_size)`` full batches, so all
+    processes yield the same number of batches. The ops run with
+    ``train=False``; the pp output must have fixed shapes.
+    """
+    _check_process(process_index, process_count)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    preprocess = ops.get_preprocess_fn(pp, train=False, data_dir=data_dir)
+    sizes = _part_sizes(data_dir, split, process_count)
+    num_batches = math.ceil(max(sizes) / batch_size)
+    ds = dataset_format.read_split(
+        data_dir, split, process_index=process_index, process_count=process_count
+    )
+    ds = ds.map(
+        lambda example: {**preprocess(example), MASK_KEY: tf.constant(True)},
+        num_parallel_calls=num_parallel_calls,
+        deterministic=True,
+    )
+    num_padding = num_batches * batch_size - sizes[process_index]
+    if num_padding:
+        padding = _padding_example(ds.element_spec)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+    return ds.with_options(_options())
+
+
+def _padding_example(element_spec: dict) -> dict:
+    def fill(path, spec: tf.TensorSpec) -> tf.Tensor:
+        if not spec.shape.is_fully_defined():
+            name = "/".join(str(getattr(p, "key", p)) for p in path)
+            raise ValueError(
+                f"make_eval_dataset: pp output {name!r} has shape {spec.shape}, not fixed; "
+                "evaluation pads with fixed-shape examples: resize it or drop it with keep(...)"
+            )
+        if spec.dtype == tf.string:
+            return tf.fill(spec.shape, "")
+        return tf.zeros(spec.shape, spec.dtype)
+
+    padding = jax.tree_util.tree_map_with_path(fill, element_spec)
+    padding[MASK_KEY] = tf.constant(False)
+    return padding
+
+
+class InputIterator:
+    """Iterates a dataset as numpy batches; its position can be saved and restored.
+
+    Uses tf.data iterator checkpointing, so a restored iterator continues with
+    exactly the batches the saved one would have produced. The state holds the
+    shuffle buffer (encoded examples: about ``shuffle_buffer`` times an
+    example's size on disk) and the batches already prepared (``prefetch`` and
+    the parallel map's). TF's symbolic checkpointing would leave the latter out,
+    but restoring it hangs in the tfds reader (TF 2.21), so it is not used.
+    Each process saves its own state (give each a path of its own).
+    """
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = iter(dataset)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+    def __iter__(self) -> InputIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+
+    def save(self, path: str) -> str:
+        """Writes the position to `path` (a file prefix); returns the prefix."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return self._checkpoint.write(path)
+
+    def restore(self, path: str) -> None:
+        """Moves to the position saved at `path` (the iterator must come from the same
+        dataset definition)."""
+        if not tf.io.gfile.exists(path + ".index"):
+            raise FileNotFoundError(f"no input iterator state at {path} ({path}.index missing)")
+        self._checkpoint.read(path).assert_consumed()
+
+
+def global_batch(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, batch_axes: tuple[str, ...] = ("data",)
+) -> dict[str, jax.Array]:
+    """Assembles every process's local batch into global arrays sharded on `batch_axes`.
+
+    The leading (batch) dimension is split over the mesh axes `batch_axes`; the
+    other dimensions are replicated. The global batch is the processes' local
+    batches concatenated in process order. Strings cannot become arrays: drop
+    them with the pp op ``keep`` first.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+
+    def to_global(path, x) -> jax.Array:
+        x = np.asarray(x)
+        if x.dtype.kind in "OSU":
+            raise ValueError(
+                f"global_batch: {jax.tree_util.keystr(path)} holds strings ({x.dtype}); "
+                "keep only numeric keys (pp op keep(...))"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map_with_path(to_global, local_batch)

@@ -1,0 +1,262 @@
+"""Tests of input_pipeline/pipeline.py on a tiny prepared dataset written in the fixture.
+
+The dataset: 8 studies of 1-3 videos (15 videos, 10-20 frames of 32x32, fps 15
+or 30), shards of at most 4 videos, a SentencePiece model trained on the reports.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from deepcoro_jax.tokenizers import get_tokenizer, train_sentencepiece
+from input_pipeline import dataset_format, pipeline
+
+VIDEOS_PER_STUDY = [1, 2, 3, 1, 2, 3, 1, 2]
+SIZE = 32
+TRAIN_PP = (
+    "decode_sample_frames(4, stride=2)|random_resized_crop(24)|scale_rotate_jitter()"
+    "|intensity_jitter()|value_range(-1, 1)|tokenize(96)|tokenize_caption(96)|flatten_labels"
+    "|keep('video', 'frame_mask', 'text_ids', 'text_mask', 'caption_in', 'caption_out',"
+    " 'caption_mask', 'row', 'label/left_max_stenosis')"
+)
+RESTORE_PP = (
+    "decode_sample_frames(3, stride=2)|random_resized_crop(8)|intensity_jitter()|tokenize(96)"
+    "|keep('video', 'text_ids', 'row')"
+)
+LIGHT_PP = "decode_sample_frames(2)|random_resized_crop(8)|keep('video', 'row')"
+
+
+def _report(study: int) -> str:
+    return (
+        f"Severe stenosis of the mid LAD, approximately {60 + 5 * study}%. "
+        f"{'Right' if study % 2 else 'Left'} dominant system."
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    data_dir = str(tmp_path_factory.mktemp("dataset"))
+    meta = dataset_format.DatasetMeta(
+        size=SIZE, label_columns={"left_max_stenosis": "float", "view": "text"}
+    )
+    features = dataset_format.build_features(meta)
+    writer = dataset_format.SplitWriter(data_dir, "train", examples_per_shard=4)
+    rng = np.random.default_rng(0)
+    frames, studies, row = {}, [], 0
+    for study, count in enumerate(VIDEOS_PER_STUDY):
+        studies.append(list(range(row, row + count)))
+        for video in range(count):
+            frames[row] = rng.integers(0, 256, (10 + row % 11, SIZE, SIZE), dtype=np.uint8)
+            example = {
+                "frames": dataset_format.encode_frames(frames[row]),
+                "num_frames": len(frames[row]),
+                "fps": 15.0 if row % 2 else 30.0,
+                "report": _report(study),
+                "study_id": f"1.2.840.{study}",
+                "path": f"videos/{row}.avi",
+                "row": row,
+                "study_index": study,
+                "video_in_study": video,
+                "videos_in_study": count,
+                "labels": {"left_max_stenosis": 10.0 * study, "view": "LAO"},
+            }
+            writer.write(dataset_format.serialize_example(features, example), video == 0)
+            row += 1
+    dataset_format.write_metadata(data_dir, meta, [writer.close()])
+    train_sentencepiece(
+        [_report(s) for s in range(len(VIDEOS_PER_STUDY))],
+        f"{data_dir}/{dataset_format.TOKENIZER_FILE}",
+        vocab_size=60,
+    )
+    study_of_row = {r: s for s, rows in enumerate(studies) for r in rows}
+    return {"dir": data_dir, "frames": frames, "studies": studies, "study_of_row": study_of_row}
+
+
+def _batches(ds, count: int) -> list[dict]:
+    iterator = pipeline.InputIterator(ds)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_train_batches_have_the_right_types_shapes_and_values(dataset):
+    ds = pipeline.make_train_dataset(dataset["dir"], "train", TRAIN_PP, 4, seed=0)
+    tok = get_tokenizer(dataset_format.tokenizer_spec(dataset["dir"]))
+    for batch in _batches(ds, 2):
+        assert batch["video"].shape == (4, 4, 24, 24, 1) and batch["video"].dtype == np.float32
+        assert -1.0 <= batch["video"].min() < batch["video"].max() <= 1.0
+        assert batch["frame_mask"].dtype == bool and batch["frame_mask"].shape == (4, 4)
+        for key in ("text_ids", "caption_in", "caption_out"):
+            assert batch[key].shape == (4, 96) and batch[key].dtype == np.int32
+        for i, row in enumerate(batch["row"]):
+            study = dataset["study_of_row"][int(row)]
+            assert tok.decode(batch["text_ids"][i]) == _report(study)
+            assert tok.decode(batch["caption_out"][i]) == _report(study)
+            assert batch["label/left_max_stenosis"][i] == 10.0 * study
+            # Frames 2 apart from a video of 10-20 frames: padding only where it is short.
+            assert batch["frame_mask"][i].all() == (len(dataset["frames"][int(row)]) >= 7)
+
+
+def test_same_seed_same_stream_other_seed_other_stream_and_epochs_reshuffle(dataset):
+    def stream(seed):
+        return _batches(
+            pipeline.make_train_dataset(dataset["dir"], "train", LIGHT_PP, 5, seed=seed), 6
+        )
+
+    first, again, other = stream(0), stream(0), stream(1)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["row"], b["row"])
+        np.testing.assert_array_equal(a["video"], b["video"])
+    rows = np.concatenate([b["row"] for b in first])
+    assert not np.array_equal(rows, np.concatenate([b["row"] for b in other]))
+    # 15 videos in batches of 5: each 3 batches are one epoch, each epoch in a new order.
+    assert sorted(rows[:15]) == sorted(rows[15:]) == list(range(15))
+    assert not np.array_equal(rows[:15], rows[15:])
+
+
+def test_process_parts_are_disjoint_and_cover_the_split(dataset):
+    sizes = pipeline._part_sizes(dataset["dir"], "train", 3)
+    parts = []
+    for index, size in enumerate(sizes):
+        ds = pipeline.make_train_dataset(
+            dataset["dir"], "train", "keep('row')", 1, seed=0, process_index=index, process_count=3
+        )
+        parts.append({int(b["row"][0]) for b in _batches(ds, size)})
+        assert len(parts[-1]) == size
+    assert set().union(*parts) == set(range(15)) and sum(sizes) == 15
+
+
+def test_eval_covers_every_example_once_in_order_with_equal_batch_counts(dataset):
+    pp = "decode_sample_frames(4, stride=3)|central_crop(32)|keep('video', 'frame_mask', 'row')"
+    for process_count in (2, 3):
+        rows, masks, counts = [], [], []
+        for index in range(process_count):
+            ds = pipeline.make_eval_dataset(
+                dataset["dir"], "train", pp, 2, process_index=index, process_count=process_count
+            )
+            batches = list(pipeline.InputIterator(ds))
+            counts.append(len(batches))
+            assert ds.cardinality().numpy() == len(batches)
+            for batch in batches:
+                rows.extend(batch["row"].tolist())
+                masks.extend(batch["_mask"].tolist())
+                for video, row, real in zip(
+                    batch["video"], batch["row"], batch["_mask"], strict=True
+                ):
+                    if real:  # centred: offset (T - 10) // 2, frames 3 apart
+                        source = dataset["frames"][int(row)]
+                        start = (len(source) - 10) // 2
+                        np.testing.assert_array_equal(video[..., 0], source[start : start + 10 : 3])
+                    else:
+                        assert not video.any() and row == 0
+        assert len(set(counts)) == 1 and counts[0] == -(
+            -max(pipeline._part_sizes(dataset["dir"], "train", process_count)) // 2
+        )
+        assert [r for r, m in zip(rows, masks, strict=True) if m] == list(range(15))
+
+
+def test_eval_rejects_outputs_without_a_fixed_shape(dataset):
+    with pytest.raises(ValueError, match="pp output 'video' has shape"):
+        pipeline.make_eval_dataset(
+            dataset["dir"], "train", "decode_sample_frames(4)|keep('video', 'row')", 4
+        )
+
+
+def test_study_batches_hold_one_study_each_with_the_right_video_mask(dataset):
+    pp = "decode_sample_frames(2)|resize(8)|keep('video', 'row', 'study_index')"
+    ds = pipeline.make_train_dataset(dataset["dir"], "train", pp, 2, seed=0, study_videos=2)
+    seen = []
+    for batch in _batches(ds, 8):  # two epochs of 8 studies
+        assert batch["video"].shape == (2, 2, 2, 8, 8, 1) and batch["video_mask"].shape == (2, 2)
+        for rows, study_index, video_mask in zip(
+            batch["row"], batch["study_index"], batch["video_mask"], strict=True
+        ):
+            study = int(study_index[0])
+            videos = dataset["studies"][study]
+            real = min(len(videos), 2)
+            np.testing.assert_array_equal(video_mask, np.arange(2) < real)
+            assert (study_index == study).all()
+            assert set(rows.tolist()) <= set(videos) and len(set(rows[:real].tolist())) == real
+            seen.append(study)
+    assert sorted(seen[:8]) == sorted(seen[8:]) == list(range(8))
+
+
+def test_study_parts_hold_whole_studies_disjointly(dataset):
+    sizes = pipeline._part_sizes(dataset["dir"], "train", 3)
+    bounds = np.cumsum([0, *sizes])
+    owned = []
+    for index in range(3):
+        expected = {
+            s
+            for s, rows in enumerate(dataset["studies"])
+            if bounds[index] <= rows[0] < bounds[index + 1]
+        }
+        ds = pipeline.make_train_dataset(
+            dataset["dir"],
+            "train",
+            "keep('row', 'study_index')",
+            1,
+            seed=0,
+            process_index=index,
+            process_count=3,
+            study_videos=3,
+        )
+        batches = _batches(ds, len(expected))
+        got = {int(b["study_index"][0, 0]) for b in batches}
+        assert got == expected
+        for b in batches:
+            study = dataset["studies"][int(b["study_index"][0, 0])]
+            assert sorted(b["row"][0][b["video_mask"][0]].tolist()) == study
+        owned.append(got)
+    assert set().union(*owned) == set(range(8)) and sum(map(len, owned)) == 8
+
+
+@pytest.mark.parametrize("study_videos", [None, 2])
+def test_restored_iterator_continues_the_exact_stream(dataset, tmp_path, study_videos):
+    def make():
+        return pipeline.make_train_dataset(
+            dataset["dir"],
+            "train",
+            RESTORE_PP,
+            3,
+            seed=5,
+            shuffle_buffer=6,
+            study_videos=study_videos,
+        )
+
+    iterator = pipeline.InputIterator(make())
+    for _ in range(4):
+        next(iterator)
+    prefix = iterator.save(str(tmp_path / "data_state" / "process_0"))
+    expected = [next(iterator) for _ in range(4)]
+    restored = pipeline.InputIterator(make())
+    restored.restore(prefix)
+    for a, b in zip(expected, [next(restored) for _ in range(4)], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with pytest.raises(FileNotFoundError, match="no input iterator state"):
+        restored.restore(str(tmp_path / "missing"))
+
+
+def test_global_batch_on_eight_devices(dataset):
+    assert jax.device_count() == 8
+    local = {"video": np.arange(8 * 2 * 3, dtype=np.float32).reshape(8, 2, 3), "row": np.arange(8)}
+    for shape, names, batch_axes, rows_per_shard in [
+        ((8,), ("data",), ("data",), 1),
+        ((4, 2), ("data", "fsdp"), ("data",), 2),
+        ((4, 2), ("data", "fsdp"), ("data", "fsdp"), 1),
+    ]:
+        mesh = jax.make_mesh(shape, names)
+        arrays = pipeline.global_batch(local, mesh, batch_axes)
+        for key, value in local.items():
+            assert arrays[key].shape == value.shape
+            np.testing.assert_array_equal(np.asarray(arrays[key]), value)
+            for shard in arrays[key].addressable_shards:
+                assert shard.data.shape == (rows_per_shard, *value.shape[1:])
+                np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
+    with pytest.raises(ValueError, match="holds strings"):
+        pipeline.global_batch({"report": np.array([b"x"] * 8)}, jax.make_mesh((8,), ("data",)))
+    pp = "decode_sample_frames(4)|resize(8)|value_range(-1, 1)|keep('video', 'row')"
+    batch = next(pipeline.InputIterator(pipeline.make_eval_dataset(dataset["dir"], "train", pp, 8)))
+    arrays = pipeline.global_batch(batch, jax.make_mesh((8,), ("data",)))
+    assert arrays["video"].shape == (8, 4, 8, 8, 1) and arrays["_mask"].dtype == bool
+    np.testing.assert_array_equal(np.asarray(arrays["row"]), np.arange(8))
