@@ -1,28 +1,110 @@
-"""Entry point: `python launch.py --config configs/multitask.py[:args] --workdir DIR`.
+"""Entry point: ``python launch.py --config configs/multitask.py[:args] --workdir DIR``.
 
-The trainer (deepcoro_jax/train.py) and the configs are not part of this
-version yet, so this script says what is missing and exits with status 1
-rather than pretending to train. What works today is the data path:
-`make demo` runs synthetic studies -> prepare -> the training input pipeline.
+Trains the config in DIR, resuming from DIR's latest checkpoint. Config
+fields are overridable: ``--config.total_steps=1000 --config.input.batch_size=64``;
+an override of a field the config lacks, or of the wrong type, stops with an
+error naming it.
+
+Multi-process runs (one process per host, or per GPU): ``jax.distributed`` is
+initialised from ``--coordinator_address/--num_processes/--process_id``, or
+from the environment of a multi-task SLURM step (``srun``), Open MPI or a
+multi-host TPU slice; never on a plain single-process run. On CPU, processes
+talk through gloo. The persistent compilation cache (on by default) lets a
+restarted run reuse its compiled train step.
+
+Not here: anything about training itself (``deepcoro_jax/train.py``).
 """
 
-import argparse
+import os
+import re
 import sys
 
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="configs/multitask.py[:args]")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--mode", choices=("train", "eval"), default="train")
-    parser.parse_known_args(argv)
-    print(
-        "launch.py: missing deepcoro_jax/train.py (the trainer) and configs/multitask.py "
-        "(the recipe); training is not available in this version. See README.md.",
-        file=sys.stderr,
-    )
-    return 1
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/multitask.py:runlocal"
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, artefacts.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval"],
+    "Train; 'eval' is for config.evals on the latest checkpoint (no evaluator plugins yet).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (explicit multi-process runs)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit).")
+_CACHE = flags.DEFINE_bool("compilation_cache", True, "Persistent XLA compilation cache.")
+_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", "~/.cache/deepcoro_jax/xla", "Where the compilation cache lives."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every bad flag or config override reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for the flags.")
+    except AttributeError as e:  # ml_collections: an override of a field the config lacks
+        field = re.sub(r"^[\"']+|[\"']+$", "", str(e))
+        overrides = [a.partition("=")[0] for a in argv if a.startswith("--config.")]
+        if not any(field in o.split(".") for o in overrides):
+            raise  # not about an override: an error in the config file itself
+        sys.exit(
+            f"FATAL Flags parsing error: the config has no field {field!r} "
+            f"(overrides given: {overrides})"
+        )
+
+
+def _launched_as_one_of_several() -> bool:
+    """True under a multi-task SLURM step, Open MPI, or a multi-host TPU slice."""
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return True
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed() -> None:
+    """Starts jax.distributed on a multi-process launch; does nothing on a single process."""
+    explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise app.UsageError(
+            "give all of --coordinator_address, --num_processes and --process_id, or none"
+        )
+    if explicit[0] is None and not _launched_as_one_of_several():
+        return
+    # Collectives between CPU devices of different processes (unused on GPU/TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit[0] is not None:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    else:
+        jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed()
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE_DIR.value))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from deepcoro_jax import train
+
+    train.main(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main, flags_parser=parse_flags)

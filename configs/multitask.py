@@ -1,0 +1,184 @@
+r"""The multitask recipe: SigLIP + LocCa captioning + masked video modelling.
+
+Runs (every field can be overridden, e.g. ``--config.total_steps=1000``):
+
+  # The CPU demo on synthetic studies (generated and prepared on first use):
+  python launch.py --config configs/multitask.py:runlocal --workdir runs/demo
+
+  # Your prepared data, ViViT-B on one GPU, bf16:
+  python launch.py --config configs/multitask.py:size=base,data=/data/prepared \
+      --workdir /runs/vivit_b --config.model.dtype=bfloat16
+
+  # Start the text tower from a local PubMedBERT folder (config.json + weights):
+  python launch.py --config configs/multitask.py:size=base,data=/data/prepared \
+      --workdir /runs/vivit_b_pubmedbert --config.text_init=/models/pubmedbert
+
+Arguments (after the colon, comma-separated): ``size`` = mu|tiny|small|base|large
+(the model), ``data`` = a prepared dataset folder (default: the synthetic set in
+``~/.cache/deepcoro_jax``), ``runlocal`` (small and fast, for a CPU).
+
+Durations may be given in steps, epochs or examples (``total_steps``,
+``total_epochs``, ``total_examples``; set exactly one), and the warmup the same
+way or in percent of training (``optim.schedule.warmup_{steps,epochs,examples,
+percent}``). Epochs count videos of the train split, so they are not defined
+for study-level input (``input.study_videos``).
+"""
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+SIZES = ("mu", "tiny", "small", "base", "large")
+SYNTHETIC_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deepcoro_jax")
+BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'size=base,runlocal' -> ConfigDict(size='base', runlocal=True, ...), typed by defaults.
+
+    A bare name sets a bool argument to True; bools also take true/false/yes/no/1/0.
+    An unknown name or a value of the wrong type is a ValueError naming it.
+    """
+    parsed = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if sep and value.lower() not in BOOLS:
+                raise ValueError(f"config argument {key}={value!r}: give one of {sorted(BOOLS)}")
+            parsed[key] = BOOLS[value.lower()] if sep else True
+        elif not sep:
+            raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+        else:
+            try:
+                parsed[key] = type(default)(value)
+            except ValueError as e:
+                raise ValueError(
+                    f"config argument {key}={value!r}: not a {type(default).__name__}"
+                ) from e
+    return parsed
+
+
+def _component(pattern: str, lr_mult: float = 1.0, wd_mult: float = 1.0) -> dict:
+    """An optimizer component: parameters matching `pattern`; freeze with frozen=True."""
+    return dict(pattern=pattern, lr_mult=lr_mult, wd_mult=wd_mult, frozen=False)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = parse_arg(arg, size="small", data="", runlocal=False)
+    if arg.size not in SIZES:
+        raise ValueError(f"config argument size={arg.size!r}; choose one of {SIZES}")
+    size = "mu" if arg.runlocal else arg.size
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # ------------------------------------------------------------------ durations
+    config.total_steps = config_dict.placeholder(int)
+    config.total_epochs = config_dict.placeholder(float)
+    config.total_examples = config_dict.placeholder(int)
+    if arg.runlocal:
+        config.total_steps = 300
+    else:
+        config.total_epochs = 30.0
+    config.log_training_steps = 10 if arg.runlocal else 50
+    config.ckpt_steps = 100 if arg.runlocal else 1000
+    config.keep_ckpts = 2 if arg.runlocal else 3
+    config.best_metric = ""  # e.g. 'val_retrieval/v2t_recall@5:max'; '' keeps only the last ones
+
+    # ---------------------------------------------------------------------- input
+    num_frames, image_size = (8, 64) if arg.runlocal else (16, 224)
+    stored_size = 80 if arg.runlocal else 256
+    config.input = ml_collections.ConfigDict()
+    config.input.data_dir = arg.data
+    config.input.synthetic = dict(
+        cache_dir=SYNTHETIC_CACHE,
+        num_studies=160 if arg.runlocal else 300,
+        size=stored_size,
+        num_frames=(24, 40) if arg.runlocal else (32, 64),
+        seed=0,
+    )
+    config.input.split = "train"
+    config.input.batch_size = 16 if arg.runlocal else 256
+    config.input.shuffle_buffer = 200 if arg.runlocal else 2000
+    config.input.study_videos = config_dict.placeholder(int)  # N: study-level examples
+    config.input.text_tokenizer = "dataset"  # or 'wordpiece:/path' (set by text_init)
+    config.input.caption_tokenizer = "dataset"
+    config.input.text_max_len = 128
+    config.input.caption_max_len = 128
+    crop = "random_resized_crop({s}, scale=(0.7, 1.0))|scale_rotate_jitter(0.05, 5.0)"
+    config.input.video_pp = (
+        f"decode_sample_frames({num_frames}, stride=2, train=True)|"
+        + crop.format(s=image_size)
+        + "|intensity_jitter(0.1, 0.1, 0.1)|value_range(-1, 1)"
+    )
+
+    # ---------------------------------------------------------------------- model
+    config.model = ml_collections.ConfigDict()
+    config.model.size = size
+    config.model.num_frames = num_frames
+    config.model.image_size = image_size
+    config.model.patch_size = (2, 16, 16)
+    config.model.embed_dim = config_dict.placeholder(int)  # default: the encoder width
+    config.model.contrastive_tokens = "full"  # or 'masked' (FLIP-style, one encoder pass)
+    config.model.mask_type = "tube"
+    config.model.mask_ratio = 0.9
+    config.model.normalize_mvm_target = True
+    config.model.dropout = 0.0
+    config.model.dtype = "float32"  # 'bfloat16' on accelerators
+    config.model.encoder_overrides = dict(attention_type="joint", pool_type="map", remat=False)
+    config.model.caption_decoder_overrides = dict(parallel_fraction=0.0)
+    config.text_init = ""  # a local Hugging Face BERT folder (e.g. PubMedBERT)
+
+    # ----------------------------------------------------------------------- loss
+    config.loss = ml_collections.ConfigDict()
+    config.loss.contrastive = "sigmoid"  # or 'softmax'
+    config.loss.positives = "same_report"  # or 'diagonal'
+    config.loss.sharded_contrastive = False  # the ring-sharded sigmoid loss (large batches)
+    config.loss.label_smoothing = 0.1
+    config.loss.weights = ml_collections.ConfigDict(
+        dict(contrastive=1.0, caption=1.0, mvm=1.0, distill=0.0)
+    )
+    config.loss.distill_temperature = 1.0
+    config.loss.ema_decay = 0.999
+
+    # ------------------------------------------------------------------ optimizer
+    config.optim = ml_collections.ConfigDict()
+    config.optim.optimizer = "adamw"
+    config.optim.lr = 1e-3 if arg.runlocal else 5e-4
+    config.optim.wd = 0.05
+    config.optim.b2 = 0.95
+    config.optim.grad_clip_norm = 1.0
+    config.optim.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", end_lr_frac=0.0))
+    # The warmup, in exactly one unit (percent: of the training length).
+    config.optim.schedule.warmup_steps = config_dict.placeholder(int)
+    config.optim.schedule.warmup_epochs = config_dict.placeholder(float)
+    config.optim.schedule.warmup_examples = config_dict.placeholder(int)
+    config.optim.schedule.warmup_percent = config_dict.placeholder(float)
+    if arg.runlocal:
+        config.optim.schedule.warmup_steps = 20
+    else:
+        config.optim.schedule.warmup_percent = 5.0
+    config.optim.components = ml_collections.ConfigDict(
+        dict(
+            video_encoder=_component("encoder/.*|video_projection/.*"),
+            text_encoder=_component("text/.*|text_projection/.*"),
+            caption_decoder=_component("caption_decoder/.*"),
+            mvm_decoder=_component("mvm_decoder/.*"),
+            temperature_bias=_component("log_temperature|bias", wd_mult=0.0),
+        )
+    )
+    config.grad_accum_steps = 1
+
+    # ---------------------------------------------------------- mesh and sharding
+    config.mesh = (("data", -1), ("fsdp", 1))
+    config.sharding_rules = ((".*", "fsdp"),)  # fsdp axis of size 1 = replicated
+
+    # ----------------------------------------------------------------- evaluators
+    config.evals = ml_collections.ConfigDict()
+
+    # ------------------------------------------------------ init from another run
+    config.init = ml_collections.ConfigDict(dict(workdir="", include="encoder/.*", step=-1))
+    return config

@@ -1,0 +1,89 @@
+"""Where the trainer's data comes from: a prepared folder, or the synthetic set.
+
+With ``config.input.data_dir`` set, that prepared dataset is used as is. Left
+empty, the trainer uses synthetic studies generated and prepared once into a
+cache folder (``config.input.synthetic``), so a fresh checkout trains with no
+data of its own; the synthetic path runs through the real `prepare`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from input_pipeline import dataset_format, prepare, synthetic
+
+SYNTHETIC_LABELS = (
+    "left_significant",
+    "right_significant",
+    "left_max_stenosis",
+    "right_max_stenosis",
+)
+
+
+def synthetic_dir(options: Mapping[str, Any]) -> str:
+    """The cache folder of one synthetic configuration (its options are in the name)."""
+    low, high = options["num_frames"]
+    name = (
+        f"synthetic-n{options['num_studies']}-s{options['size']}-f{low}_{high}"
+        f"-seed{options['seed']}"
+    )
+    return os.path.join(os.path.expanduser(options["cache_dir"]), name)
+
+
+def ensure_synthetic(
+    options: Mapping[str, Any], *, process_index: int = 0, timeout_s: float = 3600
+) -> str:
+    """The prepared synthetic dataset of `options`, generated and prepared if missing.
+
+    Process 0 builds it; other processes wait until it is complete (prepare
+    renames its folder into place only at the end, so "exists" means "done").
+    """
+    root = synthetic_dir(options)
+    prepared = os.path.join(root, "prepared")
+    marker = os.path.join(prepared, dataset_format.META_FILE)
+    if os.path.exists(marker):
+        return prepared
+    if process_index != 0:
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(marker):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout_s:.0f} s for process 0 to prepare {prepared}")
+            time.sleep(2)
+        return prepared
+    source = os.path.join(root, "source")
+    shutil.rmtree(source, ignore_errors=True)  # a run interrupted while generating
+    logging.info("generating %d synthetic studies into %s", options["num_studies"], source)
+    workers = max(1, os.cpu_count() or 1)
+    manifest = synthetic.generate(
+        source,
+        options["num_studies"],
+        options["seed"],
+        size=options["size"],
+        num_frames=tuple(options["num_frames"]),
+        workers=workers,
+    )
+    report = prepare.prepare(
+        str(manifest),
+        prepared,
+        size=options["size"],
+        workers=workers,
+        label_columns=SYNTHETIC_LABELS,
+        overwrite=True,
+    )
+    if not os.path.exists(marker):
+        raise RuntimeError(f"preparing the synthetic set wrote nothing: {report['failed'][:5]}")
+    return prepared
+
+
+def resolve_data_dir(input_config: Mapping[str, Any], *, process_index: int = 0) -> str:
+    """``input_config.data_dir`` if set (and prepared), else the synthetic set."""
+    data_dir = input_config["data_dir"]
+    if data_dir:
+        dataset_format.load_meta(data_dir)  # a clear error if it is not a prepared dataset
+        return data_dir
+    return ensure_synthetic(input_config["synthetic"], process_index=process_index)
