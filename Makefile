@@ -16,8 +16,12 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
+# Synthetic studies -> prepare -> the input pipeline (contact sheet) -> training of the
+# CPU recipe with checkpoints and metrics in $(DEMO_DIR). A second run resumes there.
 demo: $(STAMP)
-	$(VENV)/bin/python -m input_pipeline.demo --out $(DEMO_DIR)
+	$(VENV)/bin/python -m input_pipeline.contact_sheet --config configs/multitask.py:runlocal \
+		--out $(DEMO_DIR)/contact_sheet.png
+	$(VENV)/bin/python launch.py --config configs/multitask.py:runlocal --workdir $(DEMO_DIR)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
