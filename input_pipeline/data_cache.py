@@ -41,7 +41,8 @@ def ensure_synthetic(
     """The prepared synthetic dataset of `options`, generated and prepared if missing.
 
     Process 0 builds it; other processes wait until it is complete (prepare
-    renames its folder into place only at the end, so "exists" means "done").
+    renames its folder into place only at the end, so "exists" means "done"),
+    which needs `options['cache_dir']` on a filesystem all processes share.
     """
     root = synthetic_dir(options)
     prepared = os.path.join(root, "prepared")
@@ -52,7 +53,10 @@ def ensure_synthetic(
         deadline = time.monotonic() + timeout_s
         while not os.path.exists(marker):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout_s:.0f} s for process 0 to prepare {prepared}")
+                raise TimeoutError(
+                    f"waited {timeout_s:.0f} s for process 0 to prepare {prepared}; the "
+                    "synthetic cache_dir must be on a filesystem that every process shares"
+                )
             time.sleep(2)
         return prepared
     source = os.path.join(root, "source")
