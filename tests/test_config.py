@@ -273,12 +273,6 @@ def test_read_recorder_records_what_is_read():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="the second run (config.init from the first run, EMA teacher on) fails with "
-    "'Attempt to donate the same buffer twice': the initial EMA teacher aliases parameter "
-    "buffers (open work on the trainer issue)",
-)
 def test_the_trainer_reads_every_config_field(tmp_path_factory):
     shared = tmp_path_factory.getbasetemp()
     workdir = tmp_path_factory.mktemp("audit")
@@ -305,10 +299,11 @@ def test_the_trainer_reads_every_config_field(tmp_path_factory):
     assert not unread, f"config fields that nothing reads: {unread}"
     assert len(fields) > 60
 
-    # The EMA teacher: a copy of the model at step 1 (same rngs: no KL), behind it at step 2.
+    # The EMA teacher: a copy of the model at step 1 (same rngs: no KL up to rounding),
+    # then behind it.
     lines = (workdir / "first" / "metrics.jsonl").read_text().splitlines()
     distill = {r["step"]: r["loss/distill"] for r in map(json.loads, lines)}
-    assert distill[1] == 0.0 and distill[2] > 0.0, distill
+    assert abs(distill[1]) < 1e-6 and distill[2] > 1e-4, distill
 
     # config.init worked: the second run (another seed) started from the first run's
     # encoder, with its own fresh text tower. One Adam update at lr 1e-3 moves a

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_locca import random_params
 
 from deepcoro_jax import decode
 from deepcoro_jax.models.locca import CaptionDecoder, shift_right
@@ -28,29 +29,12 @@ DECODER = CaptionDecoder(
 )
 
 
-def random_params(decoder: CaptionDecoder, seed: int):
-    """A random parameter tree of ``decoder.init``'s structure, without compiling init.
-
-    Weights ~ N(0, 0.3); LayerNorm scales ~ 1 + N(0, 0.3): peaked, varied distributions.
-    """
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    memory = jax.ShapeDtypeStruct((1, 1, MEMORY_DIM), jnp.float32)
-    shapes = jax.eval_shape(decoder.init, jax.random.key(0), tokens, memory)["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        offset = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(offset + 0.3 * rng.standard_normal(leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def make_problem(seed: int):
     """(params, memory [B, N, D], memory_mask [B, N]) for one random model and batch."""
     memory = jax.random.normal(jax.random.key(seed), (BATCH, NUM_MEMORY, MEMORY_DIM))
     lengths = jnp.array([NUM_MEMORY, 3, 1, 5])
     memory_mask = jnp.arange(NUM_MEMORY)[None, :] < lengths[:, None]  # [B, N]
-    return random_params(DECODER, seed), memory, memory_mask
+    return random_params(DECODER, MEMORY_DIM, seed), memory, memory_mask
 
 
 @pytest.fixture(scope="module")
