@@ -10,7 +10,7 @@ by a spec string, so configs can say which one to use:
 - a bare path: ``.model`` files are SentencePiece, folders are WordPiece.
 
 All tokenizers expose the same small interface (``encode``, ``decode``,
-``vocab_size`` and the ids of pad, BOS and EOS). Pure Python: no TensorFlow and
+``vocab_size`` and the ids of pad, BOS and EOS). NumPy only: no TensorFlow and
 no JAX here; the input pipeline wraps ``encode`` into its tokenisation op.
 """
 
@@ -20,6 +20,8 @@ import functools
 import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol
+
+import numpy as np
 
 # Special ids of the SentencePiece models that `train_sentencepiece` writes.
 SP_PAD_ID, SP_UNK_ID, SP_BOS_ID, SP_EOS_ID = 0, 1, 2, 3
@@ -101,6 +103,23 @@ class WordPieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(_strip_ids(ids, self.pad_id, self.bos_id, self.eos_id))
+
+
+def encode_padded(
+    tok: Tokenizer, text: str, max_len: int, *, bos: bool = True, eos: bool = True
+) -> tuple[np.ndarray, int]:
+    """Text-encoder ids of `text`: [BOS] tokens [EOS], padded with pad_id to `max_len`.
+
+    Long texts lose tokens from the end; BOS and EOS (where asked for) are
+    always kept, as BERT does. Returns (ids int32 [max_len], number of real ids).
+    """
+    specials = int(bos) + int(eos)
+    if max_len <= specials:
+        raise ValueError(f"encode_padded: max_len={max_len} must exceed the {specials} specials")
+    ids = [tok.bos_id] * bos + tok.encode(text)[: max_len - specials] + [tok.eos_id] * eos
+    padded = np.full([max_len], tok.pad_id, np.int32)
+    padded[: len(ids)] = ids
+    return padded, len(ids)
 
 
 @functools.lru_cache(maxsize=16)

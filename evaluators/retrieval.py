@@ -1,14 +1,16 @@
-"""Ranking metrics for video->report and report->video retrieval.
+"""Video->report and report->video retrieval: the metric functions and the evaluator plugin.
 
-For: the pure metric functions the retrieval evaluator calls on a similarity matrix
-(Recall@K, nDCG@K, MRR, median/mean rank, Recall@K per disease stratum, alignment of
-true pairs) and the candidate/relevance bookkeeping for a split where several
-videos share one report. NumPy only, linear time per query (no full sorts), chunked
-over queries so temporaries stay near 100 MB at any size (1k queries x 100k
-candidates: about 1 s on one CPU core).
+For: the pure metric functions on a similarity matrix (Recall@K, nDCG@K, MRR,
+median/mean rank, Recall@K per disease stratum, alignment of true pairs, the
+Recall@K of a random ranking), the candidate/relevance bookkeeping for a split
+where several videos share one report, and ``Evaluator`` (``type='retrieval'``
+in ``config.evals``), which embeds a split's videos and its unique reports and
+reports all of them for both directions. The metric functions are NumPy only,
+linear time per query (no full sorts), chunked over queries so temporaries stay
+near 100 MB at any size (1k queries x 100k candidates: about 1 s on one CPU core).
 
-Not for: running the model or logging (the evaluator plugin does that), text or
-clinical metrics of generated reports (captioning.py, text_metrics.py).
+Not for: text or clinical metrics of generated reports (captioning.py,
+text_metrics.py).
 
 Conventions, shared by every function here:
 - Ranks are 1-based. Ties in similarity are ranked pessimistically: a non-relevant
@@ -28,11 +30,15 @@ Conventions, shared by every function here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
+import jax
 import numpy as np
 
-from deepcoro_jax import reports
+from deepcoro_jax import reports, sharding
+from evaluators import common
 
 # Queries per chunk are chosen so a chunk's temporaries stay near this many elements.
 _CHUNK_ELEMENTS = 1 << 23
@@ -240,3 +246,105 @@ def alignment(video_emb: np.ndarray, text_emb: np.ndarray) -> float:
                              "cosine similarity is undefined")
     cosines = np.sum(video_emb * text_emb, axis=1) / (norms["video_emb"] * norms["text_emb"])
     return float(np.mean(cosines))
+
+
+def chance_recall(num_relevant: np.ndarray, num_candidates: int, k: int) -> float:
+    """The expected Recall@K of a uniformly random ranking, averaged over queries.
+
+    A query with r relevant of C candidates has its first hit in the top K
+    with probability 1 - C(C-r, K) / C(C, K).
+    """
+    k = min(k, num_candidates)
+    num_relevant = np.asarray(num_relevant)
+    num_relevant = num_relevant[num_relevant > 0]
+    miss = [
+        math.comb(num_candidates - r, k) / math.comb(num_candidates, k) for r in num_relevant
+    ]
+    return float(1.0 - np.mean(miss))
+
+
+LEVELS = ("video", "study")
+
+
+class Evaluator:
+    """Retrieval between a split's videos (or studies) and its unique reports.
+
+    Queries of video->report are the split's videos (``level='video'``) or its
+    studies (``level='study'``: the normalised mean of the study's video
+    embeddings); candidates are the split's distinct report texts, and a
+    candidate is relevant when it is the query's report (identical reports are
+    one candidate). report->video swaps the two. Metrics, prefixed ``v2t_`` and
+    ``t2v_``: everything ``retrieval_metrics`` returns, plus for video->report
+    the Recall@K per stratum of the study's most severe finding and the Recall@K
+    a random ranking would get (``v2t_chance_recall@K``); ``alignment`` is the
+    mean cosine of true pairs.
+    """
+
+    HEADLINE = ("v2t_recall@1", "v2t_recall@5", "v2t_chance_recall@5", "t2v_recall@5", "alignment")
+
+    def __init__(
+        self,
+        ctx: common.EvalContext,
+        *,
+        name: str,
+        split: str = "val",
+        batch_size: int = 32,
+        level: str = "video",
+        ks: Sequence[int] = (1, 5, 10, 50),
+    ):
+        common.check_batch_size(batch_size, ctx.mesh, f"config.evals.{name}")
+        if level not in LEVELS:
+            raise ValueError(f"config.evals.{name}.level={level!r}: choose one of {LEVELS}")
+        self.ctx, self.split, self.batch_size, self.level = ctx, split, batch_size, level
+        self.ks = _check_ks(ks)
+        model = ctx.model
+
+        def embed_videos(params, batch):
+            video_emb, _ = model.apply({"params": params}, batch["video"], method="encode_video")
+            return {"video_emb": video_emb}
+
+        def embed_texts(params, text_ids, text_mask):
+            text_emb, _ = model.apply(
+                {"params": params}, text_ids, text_mask, method="encode_text"
+            )
+            return text_emb
+
+        self._embed_videos = common.make_predict(embed_videos, ctx.mesh)
+        self._embed_texts = jax.jit(embed_texts, out_shardings=sharding.replicated(ctx.mesh))
+
+    def run(self, params: Any, step: int) -> dict[str, float]:
+        del step  # retrieval writes no artefacts
+        out = common.predict_split(
+            self.ctx,
+            self._embed_videos,
+            params,
+            split=self.split,
+            pp=self.ctx.pp(),
+            batch_size=self.batch_size,
+        )
+        facts = common.join_rows(common.split_table(self.ctx.data_dir, self.split), out["row"])
+        query_emb, query_reports = out["video_emb"], facts["report"]
+        if self.level == "study":
+            query_emb, _, study_of_video = common.study_mean(query_emb, facts["study_id"])
+            first_video = np.unique(study_of_video, return_index=True)[1]
+            query_reports = query_reports[first_video]
+        candidates, report_index = unique_reports(query_reports.tolist())
+        text_emb = common.encode_texts(
+            self.ctx, self._embed_texts, params, candidates, self.batch_size
+        )
+        sim = query_emb.astype(np.float32) @ text_emb.astype(np.float32).T  # [Q, R]
+        v2t_relevant, t2v_relevant = relevance_matrices(report_index, len(candidates))
+        metrics = {f"v2t_{k}": v for k, v in retrieval_metrics(sim, v2t_relevant, self.ks).items()}
+        metrics.update(
+            {f"t2v_{k}": v for k, v in retrieval_metrics(sim.T, t2v_relevant, self.ks).items()}
+        )
+        strata = [reports.stratum(reports.parse(text)) for text in query_reports]
+        stratified = stratified_recall(sim, v2t_relevant, strata, self.ks)
+        metrics.update({f"v2t_{k}": v for k, v in stratified.items()})
+        for k in self.ks:
+            metrics[f"v2t_chance_recall@{k}"] = chance_recall(
+                v2t_relevant.sum(axis=1), len(candidates), k
+            )
+        metrics["alignment"] = alignment(query_emb, text_emb[report_index])
+        metrics["num_candidates"] = float(len(candidates))
+        return metrics

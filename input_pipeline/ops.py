@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from deepcoro_jax.tokenizers import get_tokenizer
+from deepcoro_jax.tokenizers import encode_padded, get_tokenizer
 from input_pipeline import dataset_format
 
 Example = dict[str, tf.Tensor]
@@ -509,11 +509,8 @@ def tokenize(
     tok = _tokenizer(tokenizer, data_dir, op)
 
     def encode(text: bytes) -> tuple[np.ndarray, np.ndarray]:
-        tokens = tok.encode(_text(text))[: max_len - specials]
-        ids = [tok.bos_id] * bos + tokens + [tok.eos_id] * eos
-        padded = np.full([max_len], tok.pad_id, np.int32)
-        padded[: len(ids)] = ids
-        return padded, np.int32(len(ids))
+        ids, length = encode_padded(tok, _text(text), max_len, bos=bos, eos=eos)
+        return ids, np.int32(length)
 
     def apply(data: Example) -> Example:
         ids, length = tf.numpy_function(

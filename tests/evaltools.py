@@ -1,0 +1,85 @@
+"""Shared by the evaluator tests: a micro config, a tiny prepared synthetic set, contexts.
+
+``micro_config()`` is the runlocal recipe shrunk to 4 x 32 x 32 clips and one-layer
+towers; ``prepared_synthetic(root)`` generates and prepares 8 synthetic studies
+(train 6, val 1, test 1) once per folder; ``make_context`` builds the model and an
+EvalContext on a mesh over the first `num_devices` devices, and ``init_params`` gives
+seeded random parameters. Tests take the session fixture ``synthetic_data`` from
+conftest.py rather than calling ``prepared_synthetic`` themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from configs import multitask as multitask_config
+from deepcoro_jax import sharding, tokenizers, train
+from evaluators import common
+
+SYNTHETIC = dict(num_studies=8, size=32, num_frames=(8, 12), seed=0)
+
+
+def micro_config() -> ml_collections.ConfigDict:
+    """The runlocal recipe shrunk for tests (4 x 32 x 32 clips, one-layer towers)."""
+    config = multitask_config.get_config("runlocal")
+    config.input.batch_size = 8
+    config.input.text_max_len = 32
+    config.input.caption_max_len = 32
+    config.input.video_pp = (
+        "decode_sample_frames(4, stride=2, train=True)|random_resized_crop(32, scale=(0.7, 1.0))"
+        "|value_range(-1, 1)"
+    )
+    config.input.eval_video_pp = "decode_sample_frames(4, stride=2)|resize(32)|value_range(-1, 1)"
+    config.model.update(num_frames=4, image_size=32, patch_size=(2, 8, 8), mask_ratio=0.75)
+    config.model.encoder_overrides.depth = 1
+    config.model.caption_decoder_overrides.num_layers = 1
+    return config
+
+
+def prepared_synthetic(root: str) -> str:
+    """The prepared tiny synthetic set under `root` (generated on first use)."""
+    from input_pipeline import data_cache
+
+    return data_cache.ensure_synthetic(dict(SYNTHETIC, cache_dir=os.fspath(root)))
+
+
+def make_context(
+    config: ml_collections.ConfigDict, data_dir: str, workdir: str, num_devices: int
+) -> common.EvalContext:
+    """An EvalContext for `config` on a data-parallel mesh of the first `num_devices` devices."""
+    from input_pipeline import dataset_format
+
+    spec = dataset_format.tokenizer_spec(data_dir)
+    tok = tokenizers.get_tokenizer(spec)
+    mesh = Mesh(np.asarray(jax.devices()[:num_devices]).reshape(num_devices, 1), ("data", "fsdp"))
+    return common.EvalContext(
+        model=train.build_model(config, tok.vocab_size, tok.pad_id),
+        config=config,
+        mesh=mesh,
+        data_dir=data_dir,
+        workdir=workdir,
+        text_tokenizer_spec=spec,
+        caption_tokenizer_spec=spec,
+    )
+
+
+def init_params(ctx: common.EvalContext, seed: int = 0):
+    """Seeded random parameters of the context's model, replicated on its mesh."""
+    cfg = ctx.config
+    size = cfg.model.image_size
+    batch = {
+        "video": jnp.zeros((1, cfg.model.num_frames, size, size, 1)),
+        "text_ids": jnp.zeros((1, cfg.input.text_max_len), jnp.int32),
+        "text_mask": jnp.ones((1, cfg.input.text_max_len), bool),
+        "caption_in": jnp.zeros((1, cfg.input.caption_max_len), jnp.int32),
+    }
+    rng = jax.random.key(seed)
+    rngs = {"params": rng, "dropout": rng, "mask": rng, "parallel": rng}
+    params = ctx.model.init(rngs, batch, train=False, mvm=True)["params"]
+    return jax.device_put(params, sharding.replicated(ctx.mesh))

@@ -1,0 +1,91 @@
+"""The retrieval evaluator plugin: independent of device count and batch size, and correct.
+
+The metric functions themselves are tested in test_retrieval_metrics.py; here the
+plugin's wiring: every example once, the candidates and relevance of a split whose
+studies share reports, study-level pooling, and the same numbers on 1, 2 and 8
+devices with different batch sizes.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from evaltools import init_params, make_context, micro_config
+from evaluators import common, retrieval
+
+SPLIT = "train"  # the tiny set's largest split (6 studies)
+
+
+@pytest.fixture(scope="module")
+def results(synthetic_data, tmp_path_factory):
+    config = micro_config()
+    out = {}
+    for devices, batch_size, level in ((1, 4, "video"), (2, 2, "video"), (8, 8, "video"),
+                                       (8, 8, "study")):
+        ctx = make_context(config, synthetic_data, str(tmp_path_factory.mktemp("w")), devices)
+        params = init_params(ctx)
+        evaluator = retrieval.Evaluator(
+            ctx, name="r", split=SPLIT, batch_size=batch_size, level=level
+        )
+        out[devices, batch_size, level] = (evaluator.run(params, 0), ctx, params, evaluator)
+    return out
+
+
+def test_metrics_do_not_depend_on_devices_or_batch_size(results):
+    one = results[1, 4, "video"][0]
+    for key in ((2, 2, "video"), (8, 8, "video")):
+        other = results[key][0]
+        assert other.keys() == one.keys()
+        for name, value in one.items():
+            np.testing.assert_allclose(other[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_metrics_equal_an_independent_computation(results, synthetic_data):
+    metrics, ctx, params, evaluator = results[1, 4, "video"]
+    table = common.split_table(synthetic_data, SPLIT)
+    # Independent embeddings: the model on each clip, one by one, in row order.
+    out = common.predict_split(
+        ctx, evaluator._embed_videos, params, split=SPLIT, pp=ctx.pp(), batch_size=4
+    )
+    assert out["row"].tolist() == sorted(table["row"].tolist())  # every video once
+    texts = sorted(set(table["report"].tolist()))
+    text_emb = common.encode_texts(ctx, evaluator._embed_texts, params, texts, 4)
+    sim = out["video_emb"] @ text_emb.T  # [V, R]
+    truth = np.array([texts.index(r) for r in table["report"]])
+    ranks = np.array(
+        [1 + np.sum(np.delete(s, t) >= s[t]) for s, t in zip(sim, truth, strict=True)]
+    )
+    assert metrics["num_candidates"] == len(texts)
+    assert metrics["v2t_num_queries"] == len(table["row"])
+    np.testing.assert_allclose(metrics["v2t_mean_rank"], ranks.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["v2t_recall@1"], np.mean(ranks == 1), rtol=1e-6)
+    np.testing.assert_allclose(metrics["v2t_chance_recall@1"], 1 / len(texts), rtol=1e-6)
+    cosines = np.sum(out["video_emb"] * text_emb[truth], axis=1)
+    np.testing.assert_allclose(metrics["alignment"], cosines.mean(), rtol=1e-5)
+
+
+def test_study_level_pools_each_study_once(results, synthetic_data):
+    metrics = results[8, 8, "study"][0]
+    table = common.split_table(synthetic_data, SPLIT)
+    assert metrics["v2t_num_queries"] == len(set(table["study_id"].tolist()))
+    assert metrics["t2v_num_queries"] == len(set(table["report"].tolist()))
+
+
+def test_chance_recall_matches_a_simulation():
+    rng = np.random.default_rng(0)
+    num_relevant, candidates, k = np.array([1, 2, 5]), 20, 3
+    hits = []
+    for r in num_relevant:
+        ranks = np.array([rng.permutation(candidates)[:r].min() for _ in range(20000)])
+        hits.append(np.mean(ranks < k))
+    np.testing.assert_allclose(
+        retrieval.chance_recall(num_relevant, candidates, k), np.mean(hits), atol=0.01
+    )
+
+
+def test_a_bad_level_or_batch_size_names_the_key(synthetic_data, tmp_path):
+    ctx = make_context(micro_config(), synthetic_data, str(tmp_path), 8)
+    with pytest.raises(ValueError, match="config.evals.r.level"):
+        retrieval.Evaluator(ctx, name="r", level="frame")
+    with pytest.raises(ValueError, match="config.evals.r.batch_size"):
+        retrieval.Evaluator(ctx, name="r", batch_size=jax.device_count() + 1)
