@@ -17,11 +17,12 @@ Arguments (after the colon, comma-separated): ``size`` = mu|tiny|small|base|larg
 (the model), ``data`` = a prepared dataset folder (default: the synthetic set in
 ``~/.cache/deepcoro_jax``), ``runlocal`` (small and fast, for a CPU).
 
-Durations may be given in steps, epochs or examples (``total_steps``,
-``total_epochs``, ``total_examples``; set exactly one), and the warmup the same
-way or in percent of training (``optim.schedule.warmup_{steps,epochs,examples,
-percent}``). Epochs count videos of the train split, so they are not defined
-for study-level input (``input.study_videos``).
+Durations may be given in steps, examples or epochs (``total_steps``,
+``total_examples``, ``total_epochs``), and the warmup the same way or in percent
+of training (``optim.schedule.warmup_{steps,examples,epochs,percent}``). When
+several are set the first in that order wins, so ``--config.total_steps=N``
+overrides the recipe's ``total_epochs``. Epochs count videos of the train
+split, so they are not defined for study-level input (``input.study_videos``).
 """
 
 import os
@@ -114,6 +115,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         + crop.format(s=image_size)
         + "|intensity_jitter(0.1, 0.1, 0.1)|value_range(-1, 1)"
     )
+    # Evaluation and inference: a deterministic clip (centred in time), the whole frame.
+    config.input.eval_video_pp = (
+        f"decode_sample_frames({num_frames}, stride=2)|resize({image_size})|value_range(-1, 1)"
+    )
 
     # ---------------------------------------------------------------------- model
     config.model = ml_collections.ConfigDict()
@@ -152,7 +157,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.95
     config.optim.grad_clip_norm = 1.0
     config.optim.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", end_lr_frac=0.0))
-    # The warmup, in exactly one unit (percent: of the training length).
+    # The warmup (percent: of the training length); steps > examples > epochs > percent.
     config.optim.schedule.warmup_steps = config_dict.placeholder(int)
     config.optim.schedule.warmup_epochs = config_dict.placeholder(float)
     config.optim.schedule.warmup_examples = config_dict.placeholder(int)
@@ -177,7 +182,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding_rules = ((".*", "fsdp"),)  # fsdp axis of size 1 = replicated
 
     # ----------------------------------------------------------------- evaluators
+    # {name: dict(type, log_steps, split, at_start, **options)}; logged as <name>/<metric>.
+    # runlocal evaluates at step 0 and at the end, so the demo shows what was learned.
+    eval_steps = config.total_steps if arg.runlocal else 5000
+    eval_batch = 16 if arg.runlocal else 64
     config.evals = ml_collections.ConfigDict()
+    config.evals.val_retrieval = dict(
+        type="retrieval",
+        log_steps=eval_steps,
+        at_start=arg.runlocal,
+        split="val",
+        batch_size=eval_batch,
+        level="video",
+    )
 
     # ------------------------------------------------------ init from another run
     config.init = ml_collections.ConfigDict(dict(workdir="", include="encoder/.*", step=-1))

@@ -42,7 +42,7 @@ from deepcoro_jax.models import multitask
 from deepcoro_jax.models import mvm as mvm_lib
 
 LOSS_TERMS = ("contrastive", "caption", "mvm", "distill")
-DURATION_UNITS = ("steps", "epochs", "examples", "percent")
+DURATION_UNITS = ("steps", "examples", "epochs", "percent")  # in order of precedence
 MODES = ("train", "eval")
 # Nominal dense bf16 matmul peaks (FLOP/s) by exact `device_kind`, for the logged MFU.
 PEAK_FLOPS = {
@@ -83,21 +83,31 @@ def resolve_steps(
     global_batch: int,
     total_steps: int | None = None,
 ) -> int | None:
-    """Steps from whichever of ``<name>_steps/_epochs/_examples/_percent`` is set (one at most).
+    """Steps from ``<name>_steps``, ``_examples``, ``_epochs`` or ``_percent``; None if none is set.
 
-    Returns None when none is set. `steps_per_epoch` None means epochs are not
-    defined for this input (an error if ``<name>_epochs`` is set); percent is
-    of `total_steps`.
+    When several are set, the first of that order wins and the others are
+    logged as ignored: a recipe states its duration in one unit, and a
+    command-line override in a more explicit unit (``--config.total_steps=N``
+    over the recipe's ``total_epochs``) takes over without clearing it.
+    `steps_per_epoch` None means epochs are not defined for this input (an
+    error if ``<name>_epochs`` is the unit used); percent is of `total_steps`.
     """
     given = {
         unit: section.get(f"{name}_{unit}")
         for unit in DURATION_UNITS
         if section.get(f"{name}_{unit}") is not None
     }
-    if len(given) > 1:
-        raise ValueError(f"config: set only one of {[f'{name}_{u}' for u in given]}")
     if not given:
         return None
+    if len(given) > 1:
+        used, *ignored = given
+        logging.warning(
+            "config: %s_%s=%s sets the duration; ignored: %s",
+            name,
+            used,
+            given[used],
+            ", ".join(f"{name}_{u}={given[u]}" for u in ignored),
+        )
     unit, value = next(iter(given.items()))
     if value < 0:
         raise ValueError(f"config: {name}_{unit}={value} must not be negative")
@@ -453,21 +463,21 @@ def peak_flops(device: jax.Device) -> float | None:
 def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
 
-    mode='eval' is for running ``config.evals`` on the latest checkpoint; this
-    version has no evaluator plugins yet, so it stops with an error.
+    Evaluators (``config.evals``) run on their schedule, before the checkpoint of
+    that step is saved, so the best checkpoint can be chosen by their metrics.
+    mode='eval' runs every evaluator once on the latest checkpoint, logs the
+    results at its step and returns them, without training.
     """
     from clu import metric_writers
 
     from deepcoro_jax import tokenizers
+    from evaluators import common as eval_common
     from input_pipeline import data_cache, dataset_format, pipeline
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    if config.evals or mode == "eval":
-        raise ValueError(
-            f"config.evals={sorted(config.evals)} and mode={mode!r}: this version has no "
-            "evaluator plugins yet; train with mode='train' and an empty config.evals"
-        )
+    if mode == "eval" and not config.evals:
+        raise ValueError("mode='eval' runs config.evals, which is empty")
     for name in ("log_training_steps", "ckpt_steps", "keep_ckpts", "grad_accum_steps"):
         if config[name] < 1:
             raise ValueError(f"config.{name}={config[name]} must be at least 1")
@@ -571,17 +581,33 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         best_metric=best_name or None,
         best_mode=best_mode or "max",
     )
+    if mode == "eval" and ckpt.latest_step() is None:
+        ckpt.close()
+        raise FileNotFoundError(f"mode='eval': no checkpoint in {workdir}/checkpoints")
     if ckpt.latest_step() is not None:
         abstract_sharded = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             abstract_state,
             shardings,
         )
-        state = ckpt.restore(abstract_sharded, data_iterator=train_iter)
-        logging.info("resumed from step %d", int(jax.device_get(state.step)))
+        data_iterator = train_iter if mode == "train" else None
+        state = ckpt.restore(abstract_sharded, data_iterator=data_iterator)
+        logging.info("restored step %d", int(jax.device_get(state.step)))
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
         state = _initial_weights(state, config, shardings)
+
+    # ------------------------------------------------------------- evaluators
+    eval_ctx = eval_common.EvalContext(
+        model=model,
+        config=config,
+        mesh=mesh,
+        data_dir=data_dir,
+        workdir=workdir,
+        text_tokenizer_spec=text_spec,
+        caption_tokenizer_spec=caption_spec,
+    )
+    evaluators = eval_common.build_evaluators(config.evals, eval_ctx)
 
     # ------------------------------------------------------------------- loop
     step = first_step = int(jax.device_get(state.step))
@@ -601,8 +627,27 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
     term_names = loss_term_names(config)
     last: dict[str, float] = {}
+    evaluated: dict[str, float] = {}  # the latest results of every evaluator
     pending: tuple[int, Any] | None = None  # a step's metrics, checked while the next one runs
     data_wait, window_start, window_step = 0.0, time.perf_counter(), step
+
+    def evaluate(due: list[eval_common.Scheduled]) -> dict[str, float]:
+        results = run_evaluators(due, state.params, step)
+        evaluated.update(results)
+        return results
+
+    if mode == "eval" or (first_step == 0 and any(e.at_start for e in evaluators)):
+        due = evaluators if mode == "eval" else [e for e in evaluators if e.at_start]
+        results = evaluate(due)
+        if writer:
+            writer.write(step, results)
+        tb_writer.write_scalars(step, results)
+        if mode == "eval":
+            ckpt.close()
+            if writer:
+                writer.close()
+            tb_writer.close()
+            return results
 
     def fetch_checked(metrics_step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -623,11 +668,13 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                     last = fetch_checked(*pending)
                     pending = None
                 save_now = step % config.ckpt_steps == 0 or step == total_steps or guard.requested
-                log_now = step % config.log_training_steps == 0 or step in (1, total_steps)
+                due = [e for e in evaluators if e.due(step, total_steps)]
+                log_now = step % config.log_training_steps == 0 or step in (1, total_steps) or due
                 if not (save_now or log_now):
                     pending = (step, metrics)
                     continue
                 last = fetch_checked(step, metrics)
+                step_results = evaluate(due) if due else {}
                 if log_now:
                     seconds = (time.perf_counter() - window_start) / (step - window_step)
                     values = {
@@ -635,6 +682,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                         "videos_per_s": global_batch / seconds,
                         "step_time_s": seconds,
                         "data_wait_s": data_wait / (step - window_step),
+                        **step_results,
                     }
                     if peak:
                         values["mfu"] = flops * global_batch / seconds / (peak * jax.device_count())
@@ -650,7 +698,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                     )
                     data_wait, window_start, window_step = 0.0, time.perf_counter(), step
                 if save_now:
-                    ckpt.save(step, state, data_iterator=train_iter, metrics=last)
+                    ckpt.save(step, state, data_iterator=train_iter, metrics={**last, **evaluated})
                 if guard.requested:
                     logging.warning("stop requested: saved step %d, exiting", step)
                     break
@@ -660,7 +708,25 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
             writer.close()
         tb_writer.close()
     logging.info("trained steps %d..%d", first_step, step)
-    return last
+    return {**last, **evaluated}
+
+
+def run_evaluators(evaluators: list, params: Any, step: int) -> dict[str, float]:
+    """Runs `evaluators` on `params`; their results as ``<name>/<metric>``, plus
+    ``<name>/seconds``. Prints each one's headline metrics (its ``HEADLINE``)."""
+    results = {}
+    for scheduled in evaluators:
+        start = time.perf_counter()
+        with jax.transfer_guard("allow"):  # evaluators move batches and results
+            metrics = scheduled.evaluator.run(params, step)
+        seconds = time.perf_counter() - start
+        results.update({f"{scheduled.name}/{k}": float(v) for k, v in metrics.items()})
+        results[f"{scheduled.name}/seconds"] = seconds
+        headline = getattr(scheduled.evaluator, "HEADLINE", ())
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in headline if k in metrics)
+        if jax.process_index() == 0:
+            print(f"eval {scheduled.name} @ step {step}: {shown}  ({seconds:.1f} s)", flush=True)
+    return results
 
 
 def _check_video_shape(video_shape: tuple[int, ...], config: ml_collections.ConfigDict) -> None:

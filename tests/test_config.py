@@ -161,8 +161,10 @@ def test_durations_in_any_unit():
     assert steps(total_examples=81) == 11  # ceil(81 / 8)
     assert steps(total_percent=10.0) == 20
     assert steps(total_steps=None, total_epochs=None) is None
-    with pytest.raises(ValueError, match="set only one of"):
-        steps(total_steps=3, total_examples=8)
+    # A more explicit unit wins (a command-line override over the recipe's unit).
+    assert steps(total_steps=3, total_examples=800, total_epochs=3.0) == 3
+    assert steps(total_examples=81, total_epochs=30.0) == 11
+    assert steps(total_epochs=3.0, total_percent=50.0) == 8
     with pytest.raises(ValueError, match="total_epochs is not defined"):
         train.resolve_steps(
             "total", _section(total_epochs=1.0), steps_per_epoch=None, global_batch=8
