@@ -532,7 +532,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         k: jax.ShapeDtypeStruct((1, *s.shape[1:]), s.dtype.as_numpy_dtype)
         for k, s in train_ds.element_spec.items()
     }
-    _check_video_shape(example_batch["video"].shape, config)
+    check_video_shape(example_batch["video"].shape, config)
 
     # -------------------------------------------------------------- durations
     if config.input.study_videos is None:
@@ -729,14 +729,16 @@ def run_evaluators(evaluators: list, params: Any, step: int) -> dict[str, float]
     return results
 
 
-def _check_video_shape(video_shape: tuple[int, ...], config: ml_collections.ConfigDict) -> None:
+def check_video_shape(
+    video_shape: tuple[int, ...], config: ml_collections.ConfigDict, pp_key: str = "video_pp"
+) -> None:
     """The pp's clips must be the model's (``model.num_frames`` x ``model.image_size``)."""
     frames, height, width = video_shape[-4:-1]
     size = config.model.image_size
     expected = (config.model.num_frames, *((size, size) if isinstance(size, int) else size))
     if (frames, height, width) != tuple(expected):
         raise ValueError(
-            f"config.input.video_pp makes clips of {frames} x {height} x {width}, but "
+            f"config.input.{pp_key} makes clips of {frames} x {height} x {width}, but "
             f"config.model.num_frames x image_size is {' x '.join(map(str, expected))}: "
             "change both together"
         )

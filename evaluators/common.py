@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from deepcoro_jax import sharding, tokenizers
+from deepcoro_jax import sharding, tokenizers, train
 from deepcoro_jax.models import multitask
 
 ROW_KEY = "row"  # the manifest row: unique per video within a prepared dataset
@@ -179,6 +179,7 @@ def predict_split(
         process_index=jax.process_index(),
         process_count=process_count,
     )
+    train.check_video_shape(tuple(dataset.element_spec["video"].shape), ctx.config, "eval_video_pp")
     chunks: list[dict[str, np.ndarray]] = []
     for local_batch in dataset.as_numpy_iterator():
         batch = pipeline.global_batch(local_batch, ctx.mesh, sharding.DATA_AXES)

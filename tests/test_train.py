@@ -58,6 +58,8 @@ def get_config(arg=None):
     config.input.text_max_len = 32
     config.input.caption_max_len = 32
     config.input.video_pp = "{VIDEO_PP}"
+    config.input.eval_video_pp = "decode_sample_frames(4, stride=2)|resize(32)|value_range(-1, 1)"
+    config.evals = {{}}  # the evaluators are tested with the trainer in test_eval_wiring.py
     config.model.update(num_frames=4, image_size=32, patch_size=(2, 8, 8), mask_ratio=0.75)
     config.model.encoder_overrides.depth = 1
     config.model.caption_decoder_overrides.num_layers = 1
