@@ -1,13 +1,17 @@
-"""Clinical metrics of generated angiography reports, read per segment.
+"""Report generation: clinical metrics of generated reports, and the captioning evaluator.
 
 For: comparing generated reports with their references through what
 `reports.parse_result` reads from both (stenosis per segment, severity class,
 significant lesions, CTOs, dominance) and how often a generated report parses at
-all; and the "always write the most common report" baseline to compare against.
-Text-overlap metrics are in text_metrics.py.
+all; the "always write the most common report" baseline to compare against; and
+``Evaluator`` (``type='captioning'`` in ``config.evals``), which writes a report
+for every video of a split (greedy or beam search on the KV cache, batched and
+jitted), scores it with these and the text metrics (text_metrics.py), measures
+the teacher-forced perplexity of the references, and writes the reports to
+``<workdir>/captions/<name>_<step>.csv``.
 
-Not for: running the decoder or logging (the evaluator plugin does that), or the
-report schema and parser themselves (deepcoro_jax/reports.py).
+Not for: the decoding loops (deepcoro_jax/decode.py), the text-overlap metrics
+(text_metrics.py), or the report schema and parser themselves (deepcoro_jax/reports.py).
 
 Conventions of `clinical_metrics`:
 - A generated report that does not parse (ParseResult.ok False) still counts in
@@ -27,12 +31,17 @@ Conventions of `clinical_metrics`:
 
 from __future__ import annotations
 
+import csv
+import os
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
+import jax
 import numpy as np
 
-from deepcoro_jax import reports
+from deepcoro_jax import decode, losses, reports
+from evaluators import common, text_metrics
 
 
 def _check_reports(texts: Sequence[str], name: str) -> None:
@@ -144,3 +153,147 @@ def most_common_report_baseline(references: Sequence[str]) -> list[str]:
     most_common = max(counts, key=counts.__getitem__)  # first seen among equal counts
     text = references[keys.index(most_common)]
     return [text] * len(references)
+
+
+STRATEGIES = ("greedy", "beam")
+CSV_COLUMNS = ("study_id", "row", "reference", "generated")
+
+
+class Evaluator:
+    """Writes a report for every video of a split and scores it against the study's report.
+
+    One jitted function per batch encodes the videos once, decodes a report from
+    the encoder tokens on the KV cache (``strategy`` 'greedy', or 'beam' with
+    ``beam_size`` and ``length_penalty``; at most ``max_len`` tokens, default
+    ``config.input.caption_max_len``), and scores the reference under teacher
+    forcing. Metrics, all over the split's videos:
+
+    - bleu4, rouge_l, cider_d: ``text_metrics.text_metrics``;
+    - every key of ``clinical_metrics(generated, references)``;
+    - baseline_severity_macro_f1, baseline_severity_accuracy: the same two for
+      ``most_common_report_baseline(references)`` (the split's most common report
+      written for every video), the number to beat;
+    - nll, perplexity: the teacher-forced cross-entropy (no label smoothing) of
+      the references' caption targets (``tokenize_caption`` at
+      ``config.input.caption_max_len``: tokens then EOS, truncated), summed over
+      the split and divided by their token count; perplexity = exp(nll);
+    - generated_length: mean tokens of a generated report before its EOS
+      (``max_len`` for one that never emits EOS); eos_rate: the fraction of
+      generated reports that end with EOS.
+
+    Process 0 writes ``<workdir>/captions/<name>_<step>.csv`` with the columns
+    ``CSV_COLUMNS``, one line per video in manifest row order.
+    """
+
+    def __init__(
+        self,
+        ctx: common.EvalContext,
+        *,
+        name: str,
+        split: str = "val",
+        batch_size: int = 32,
+        strategy: str = "greedy",
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+        max_len: int | None = None,
+    ):
+        where = f"config.evals.{name}"
+        common.check_batch_size(batch_size, ctx.mesh, where)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"{where}.strategy={strategy!r}: choose one of {STRATEGIES}")
+        if beam_size < 1:
+            raise ValueError(f"{where}.beam_size={beam_size} must be at least 1")
+        if not length_penalty >= 0:
+            raise ValueError(f"{where}.length_penalty={length_penalty} must be >= 0")
+        decoder = ctx.model.caption_decoder
+        max_len = ctx.config.input.caption_max_len if max_len is None else max_len
+        if not 1 <= max_len <= decoder.max_len:
+            raise ValueError(
+                f"{where}.max_len={max_len} must be in [1, {decoder.max_len}] (the caption "
+                "decoder's position table, config.input.caption_max_len)"
+            )
+        self.ctx, self.name, self.split, self.batch_size = ctx, name, split, batch_size
+        self.max_len = max_len
+        model, tok = ctx.model, ctx.caption_tokenizer
+        special_ids = dict(
+            bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=max_len
+        )
+        self.eos_id = tok.eos_id
+
+        def generate(decoder_params, memory, memory_mask) -> jax.Array:
+            if strategy == "beam":
+                out = decode.beam_search(
+                    decoder, decoder_params, memory, memory_mask, **special_ids,
+                    beam_size=beam_size, length_penalty=length_penalty,
+                )
+            else:
+                out = decode.greedy(decoder, decoder_params, memory, memory_mask, **special_ids)
+            return out.tokens  # [B, max_len]
+
+        def token_losses(logits, targets, mask):
+            _, aux = losses.caption_loss(logits[None], targets[None], mask[None])
+            return aux["loss_sum"], aux["num_tokens"]
+
+        def caption(params, batch):
+            variables = {"params": params}
+            _, video_aux = model.apply(variables, batch["video"], method="encode_video")
+            memory, memory_mask = video_aux["video_tokens"], video_aux["video_token_mask"]
+            logits = model.apply(
+                variables, memory, memory_mask, batch["caption_in"], method="caption_logits"
+            )  # [B, Lc, vocab]
+            ce_sum, num_tokens = jax.vmap(token_losses)(
+                logits, batch["caption_out"], batch["caption_mask"]
+            )  # [B], [B]
+            tokens = generate(params["caption_decoder"], memory, memory_mask)
+            return {"tokens": tokens, "ce_sum": ce_sum, "num_tokens": num_tokens}
+
+        self._predict = common.make_predict(caption, ctx.mesh)
+
+    def run(self, params: Any, step: int) -> dict[str, float]:
+        out = common.predict_split(
+            self.ctx,
+            self._predict,
+            params,
+            split=self.split,
+            pp=self.ctx.pp(caption=True),
+            batch_size=self.batch_size,
+        )
+        facts = common.join_rows(common.split_table(self.ctx.data_dir, self.split), out["row"])
+        tok = self.ctx.caption_tokenizer
+        generated = [tok.decode(ids) for ids in out["tokens"]]
+        references = facts["report"].tolist()
+
+        metrics = text_metrics.text_metrics(generated, references)
+        metrics.update(clinical_metrics(generated, references))
+        baseline = clinical_metrics(most_common_report_baseline(references), references)
+        for key in ("severity_macro_f1", "severity_accuracy"):
+            metrics[f"baseline_{key}"] = baseline[key]
+        total_tokens = np.sum(out["num_tokens"], dtype=np.float64)
+        nll = np.sum(out["ce_sum"], dtype=np.float64) / total_tokens
+        metrics["nll"] = nll
+        metrics["perplexity"] = np.exp(nll)
+        is_eos = out["tokens"] == self.eos_id  # [N, max_len]
+        ends = is_eos.any(axis=1)
+        metrics["generated_length"] = np.mean(np.where(ends, is_eos.argmax(axis=1), self.max_len))
+        metrics["eos_rate"] = np.mean(ends)
+
+        if self.ctx.is_main_process:
+            self._write_csv(step, facts["study_id"], out["row"], references, generated)
+        return {key: float(value) for key, value in metrics.items()}
+
+    def _write_csv(
+        self,
+        step: int,
+        study_ids: np.ndarray,
+        rows: np.ndarray,
+        references: Sequence[str],
+        generated: Sequence[str],
+    ) -> None:
+        folder = os.path.join(self.ctx.workdir, "captions")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{self.name}_{step}.csv")
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            for line in zip(study_ids.tolist(), rows.tolist(), references, generated, strict=True):
+                writer.writerow(line)

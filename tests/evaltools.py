@@ -79,7 +79,10 @@ def init_params(ctx: common.EvalContext, seed: int = 0):
         "text_mask": jnp.ones((1, cfg.input.text_max_len), bool),
         "caption_in": jnp.zeros((1, cfg.input.caption_max_len), jnp.int32),
     }
-    rng = jax.random.key(seed)
-    rngs = {"params": rng, "dropout": rng, "mask": rng, "parallel": rng}
-    params = ctx.model.init(rngs, batch, train=False, mvm=True)["params"]
-    return jax.device_put(params, sharding.replicated(ctx.mesh))
+
+    def init(rng):
+        rngs = {"params": rng, "dropout": rng, "mask": rng, "parallel": rng}
+        return ctx.model.init(rngs, batch, train=False, mvm=True)["params"]
+
+    # Jitted: an eager flax init of even the micro model takes about a minute on CPU.
+    return jax.jit(init, out_shardings=sharding.replicated(ctx.mesh))(jax.random.key(seed))
