@@ -185,6 +185,15 @@ class Evaluator:
     ``CSV_COLUMNS``, one line per video in manifest row order.
     """
 
+    HEADLINE = (
+        "parse_rate",
+        "severity_macro_f1",
+        "baseline_severity_macro_f1",
+        "bleu4",
+        "cider_d",
+        "perplexity",
+    )
+
     def __init__(
         self,
         ctx: common.EvalContext,

@@ -9,8 +9,8 @@ devices with different batch sizes.
 import jax
 import numpy as np
 import pytest
-
 from evaltools import init_params, make_context, micro_config
+
 from evaluators import common, retrieval
 
 SPLIT = "train"  # the tiny set's largest split (6 studies)

@@ -43,6 +43,10 @@ One set of parameters, three ways to run it:
    More than ``max_len`` steps is not checked inside jit (the last slot would be
    overwritten); the loops in ``deepcoro_jax.decode`` never take more.
 
+A teacher-forced call with ``mutable=['intermediates']`` also returns every
+layer's cross-attention weights (``CrossAttention``), for attention maps
+(``deepcoro_jax.attention_maps``).
+
 Not here: the decoding loops (``deepcoro_jax.decode``), the caption loss
 (``deepcoro_jax.losses``), tokenisation, and the video encoder.
 """
@@ -135,12 +139,31 @@ class CausalSelfAttention(nn.Module):
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
 
+def _attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) over the keys, float32 [B, heads, Lq, Lk].
+
+    The weights ``attention`` applies (its default scale); masked keys get 0.
+    """
+    scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum(
+        "bqhd,bkhd->bhqk", query.astype(jnp.float32), key.astype(jnp.float32)
+    )  # [B, H, Lq, Lk]
+    logits = logits * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention from the report tokens to the memory (video tokens).
 
     With ``decode=True`` the memory's keys/values and mask are computed on the
     first call and stored in the ``'cache'`` collection; later calls read them
-    and take ``memory=None``.
+    and take ``memory=None``. Only when the ``'intermediates'`` collection is
+    mutable (``apply(..., mutable=['intermediates'])``, as attention maps do) it
+    also sows its attention weights, float32 [B, heads, L, N], as
+    ``intermediates/.../cross_attn/attention_weights``; otherwise (training,
+    decoding) nothing extra is computed.
     """
 
     num_heads: int
@@ -177,6 +200,8 @@ class CrossAttention(nn.Module):
                 self.put_variable("cache", "memory_value", value.astype(self.dtype))
                 self.put_variable("cache", "memory_mask", memory_mask)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # [B, 1, 1, N]
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention_weights", _attention_weights(query, key, mask))
         out = attention(query, key.astype(query.dtype), value.astype(query.dtype), mask=mask)
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 

@@ -1,0 +1,267 @@
+"""Command line: a trained run applied to raw angiography files (DICOM, AVI, MP4, .npy).
+
+Usage:
+  python -m deepcoro_jax.infer --workdir DIR [--checkpoint STEP] [--bank CSV] [--top_k 5]
+      [--json] [--attention OUTDIR] [--beam N] FILE...
+
+For each file: the report the caption decoder writes (greedy, or beam search
+with ``--beam N``), the findings ``reports.parse_result`` reads from it, and the
+``--top_k`` reports of a report bank closest to the video in the contrastive
+embedding (cosine similarity). The bank is the unique reports of the run's
+training split (read from its prepared dataset, without frames), or the
+unique non-empty values of the ``report`` column (any case) of ``--bank CSV``
+('α'- or comma-separated, as manifests are). ``--attention OUTDIR`` also writes
+the decoder's cross-attention per sentence as ``OUTDIR/<NNN>_<name>.png`` and
+``.gif`` (``attention_maps``). ``--json`` prints one JSON object per file.
+
+A file is decoded exactly as ``prepare`` decoded the training videos
+(``video_io.load_video`` at the dataset's frame size, frames encoded in its
+frame format) and turned into a clip by the run's eval pp
+(``input.eval_video_pp``: ``ops`` on an in-memory example). Decoding does not
+know prepare's ``--max_frames``: give files no longer than that was.
+
+A file that cannot be used is reported with its reason and skipped; the exit
+status is 0 when any file was processed, 1 when none was, 2 for bad arguments
+or a run that cannot be loaded.
+
+Not for: prepared datasets (``export.py``), training or evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from deepcoro_jax import attention_maps, inference, reports
+
+FILES_PER_CHUNK = 16  # clips held in memory at once
+BANK_COLUMN = "report"
+
+
+def make_clip_loader(run: inference.Run) -> Callable[[str], np.ndarray]:
+    """A function path -> the run's eval clip float32 [T, H, W, 1] of that file.
+
+    Raises ``video_io.VideoError`` for a file that cannot be decoded.
+    """
+    import tensorflow as tf
+
+    from input_pipeline import dataset_format, ops, video_io
+
+    meta = dataset_format.load_meta(run.data_dir)
+    preprocess = ops.get_preprocess_fn(
+        f"{run.video_pp}|keep('video')", train=False, data_dir=run.data_dir
+    )
+
+    def load(path: str) -> np.ndarray:
+        decoded = video_io.load_video(path, meta.size)
+        example = {
+            "frames": tf.constant(video_io.encode_frames(decoded.frames, meta.frame_format)),
+            "fps": tf.constant(decoded.fps, tf.float32),
+            "path": tf.constant(path),
+        }
+        return preprocess(example)["video"].numpy()
+
+    return load
+
+
+def _split_reports(run: inference.Run) -> list[str]:
+    from input_pipeline import dataset_format
+
+    split = run.config.input.split
+    texts = dataset_format.read_split(run.data_dir, split).map(lambda e: e["report"])
+    return [t.decode("utf-8") for t in texts.as_numpy_iterator()]
+
+
+def _csv_reports(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--bank {path} does not exist")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        separator = "α" if "α" in f.readline() else ","
+        f.seek(0)
+        reader = csv.DictReader(f, delimiter=separator)
+        columns = [c for c in reader.fieldnames or () if c.strip().lower() == BANK_COLUMN]
+        if not columns:
+            raise ValueError(
+                f"--bank {path} has no {BANK_COLUMN!r} column; its columns: {reader.fieldnames}"
+            )
+        return [(row[columns[0]] or "").strip() for row in reader]
+
+
+def load_bank(run: inference.Run, csv_path: str | None) -> list[str]:
+    """The unique non-empty bank reports, in order of first appearance (module docstring)."""
+    texts = _csv_reports(csv_path) if csv_path else _split_reports(run)
+    bank = list(dict.fromkeys(t for t in texts if t))
+    if not bank:
+        where = csv_path or f"split {run.config.input.split!r} of {run.data_dir}"
+        raise ValueError(f"the report bank ({where}) holds no report")
+    return bank
+
+
+def describe_findings(result: reports.ParseResult) -> str:
+    """One line: parse status, dominance and each lesion (segment, percent, class)."""
+    if not result.ok:
+        return "not parsed (no recognisable report sentence)"
+    stated = "stated" if result.dominance_stated else "not stated, read as right"
+    parts = [f"{result.findings.dominance} dominance ({stated})"]
+    for segment, lesion in result.findings.lesions.items():
+        percent = f"{lesion.stenosis:g}%"
+        kind = "CTO" if lesion.cto else reports.severity_class(lesion.stenosis)
+        parts.append(f"{reports.SEGMENT_NAMES[segment]} {percent} ({kind})")
+    if not result.findings.lesions:
+        parts.append("no lesion")
+    return "; ".join(parts)
+
+
+def _result_record(
+    path: str, report: str, similarities: np.ndarray, bank: Sequence[str], top_k: int, step: int
+) -> dict:
+    parsed = reports.parse_result(report)
+    order = np.argsort(-similarities, kind="stable")[:top_k]
+    return {
+        "file": path,
+        "checkpoint": step,
+        "report": report,
+        "parse_ok": parsed.ok,
+        "dominance_stated": parsed.dominance_stated,
+        "findings": reports.to_json(parsed.findings),
+        "unparsed_sentences": parsed.unparsed_sentences,
+        "top_k": [
+            {"rank": rank + 1, "similarity": float(similarities[i]), "report": bank[i]}
+            for rank, i in enumerate(order)
+        ],
+    }
+
+
+def _print_result(record: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record), flush=True)
+        return
+    lines = [record["file"], f"  report: {record['report']}"]
+    lines.append(f"  findings: {describe_findings(reports.parse_result(record['report']))}")
+    lines.append("  nearest bank reports (cosine similarity):")
+    lines += [f"    {m['rank']}. {m['similarity']:+.3f}  {m['report']}" for m in record["top_k"]]
+    if "attention_png" in record:
+        lines.append(f"  attention maps: {record['attention_png']}, {record['attention_gif']}")
+    elif "attention_error" in record:
+        lines.append(f"  attention maps: none ({record['attention_error']})")
+    print("\n".join(lines), flush=True)
+
+
+def _print_error(path: str, reason: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"file": path, "error": reason}), flush=True)
+    else:
+        print(f"skipped {path}: {reason}", file=sys.stderr, flush=True)
+
+
+def _attention_files(
+    run: inference.Run, clip: np.ndarray, tokens: np.ndarray, out_dir: str, index: int, path: str
+) -> dict:
+    """Writes the attention maps of file number `index`; their paths (or why there are none)."""
+    sentences = attention_maps.report_attention(run, clip, tokens)
+    if not sentences:
+        return {"attention_error": "the generated report is empty"}
+    stem = os.path.splitext(os.path.basename(path))[0] or "file"
+    prefix = os.path.join(out_dir, f"{index:03d}_{stem}")
+    png, gif = attention_maps.save_attention_maps(clip, sentences, prefix)
+    return {"attention_png": png, "attention_gif": gif}
+
+
+def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace) -> int:
+    """Processes `files` with the flags of `args`, printing each chunk's results in file order.
+
+    Returns how many files were processed.
+    """
+    from input_pipeline import video_io
+
+    bank = load_bank(run, args.bank)
+    bank_emb = inference.embed_texts(run, bank)  # [R, E]
+    top_k = min(args.top_k, len(bank))
+    load_clip = make_clip_loader(run)
+    processed = 0
+    for start in range(0, len(files), FILES_PER_CHUNK):
+        chunk = files[start : start + FILES_PER_CHUNK]
+        outcomes: list[dict] = []  # per file of the chunk: a result or an error record
+        clips = []
+        for path in chunk:
+            try:
+                clips.append(load_clip(path))
+                outcomes.append({"file": path})
+            except video_io.VideoError as e:
+                outcomes.append({"file": path, "error": str(e)})
+            except Exception as e:  # a bad file must not stop the others
+                outcomes.append({"file": path, "error": f"{type(e).__name__}: {e}"})
+        if clips:
+            batch = np.stack(clips)  # [n, T, H, W, 1]
+            video_emb = inference.embed_videos(run, batch, FILES_PER_CHUNK)  # [n, E]
+            similarities = video_emb @ bank_emb.T  # [n, R]
+            generated = inference.generate_reports(
+                run, batch, beam_size=args.beam, batch_size=FILES_PER_CHUNK
+            )
+        loaded = [(position, o) for position, o in enumerate(outcomes) if "error" not in o]
+        for i, (position, outcome) in enumerate(loaded):
+            path = outcome["file"]
+            outcome.update(
+                _result_record(path, generated.texts[i], similarities[i], bank, top_k, run.step)
+            )
+            if args.attention:
+                index = start + position
+                outcome.update(
+                    _attention_files(
+                        run, batch[i], generated.tokens[i], args.attention, index, path
+                    )
+                )
+        for outcome in outcomes:
+            if "error" in outcome:
+                _print_error(outcome["file"], outcome["error"], args.json)
+            else:
+                _print_result(outcome, args.json)
+                processed += 1
+    return processed
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deepcoro_jax.infer",
+        description="Reports, findings and nearest bank reports for raw angiography files.",
+    )
+    parser.add_argument("--workdir", required=True, help="the trained run's workdir")
+    parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--bank", help="CSV with a 'report' column (default: the train split)")
+    parser.add_argument("--top_k", type=_positive, default=5, help="bank reports to show")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file")
+    parser.add_argument("--attention", metavar="OUTDIR", help="write attention maps here")
+    parser.add_argument("--beam", type=_positive, default=1, help="beam size (1: greedy)")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, AVI, MP4 or .npy")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run = inference.load_run(args.workdir, args.checkpoint)
+        if not args.json:
+            print(f"run {args.workdir}, checkpoint {run.step}", flush=True)
+        processed = run_files(run, args.files, args)
+    except (OSError, ValueError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    if not processed:
+        print(f"{parser.prog}: no file could be processed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""A trained run, loaded for inference: its config, model, parameters and tokenizers.
+
+For: `load_run`, which rebuilds a run's model from its ``config.json`` and reads
+only the parameters from its checkpoint (no optimizer state, no EMA teacher),
+and the batched, jitted helpers that ``infer``, ``export`` and the attention
+maps share: `embed_videos`, `embed_texts`, `generate_reports`. They take
+preprocessed clips (NumPy, the eval pp's output) and report texts, pad the last
+batch, spread each batch over every local device and return NumPy arrays.
+
+Inference runs in one process (all its local devices); the parameters are
+replicated. The run's data dir is needed for its tokenizer: the prepared
+dataset the run trained on (``config.input.data_dir``, or the synthetic set,
+rebuilt in its cache when missing, exactly as the trainer does).
+
+Not for: reading files or datasets (``infer.py``, ``export.py``), training,
+evaluation schedules. TensorFlow is imported only inside `load_run`, where the
+prepared dataset's metadata is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from deepcoro_jax import checkpoint, sharding, tokenizers, train
+from deepcoro_jax.models import multitask
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained run ready for inference (see `load_run`)."""
+
+    workdir: str
+    step: int  # the checkpoint's step
+    config: ml_collections.ConfigDict
+    model: multitask.MultitaskModel
+    params: Any  # the 'params' collection, replicated on `mesh`
+    caption_tokenizer: tokenizers.Tokenizer
+    text_tokenizer: tokenizers.Tokenizer
+    text_tokenizer_spec: str
+    data_dir: str  # the prepared dataset the run trained on
+    mesh: Mesh
+
+    @property
+    def video_pp(self) -> str:
+        """The deterministic eval clip pp of this run (`eval_video_pp`)."""
+        return eval_video_pp(self.config)
+
+
+class GeneratedReports(NamedTuple):
+    """texts: one report per clip; tokens: int32 [N, caption_max_len] (EOS, then pad)."""
+
+    texts: list[str]
+    tokens: np.ndarray
+
+
+def eval_video_pp(config: ml_collections.ConfigDict) -> str:
+    """``config.input.eval_video_pp``; for older runs without it, the centred clip of
+    ``model.num_frames`` frames 2 apart, resized to ``model.image_size``, in [-1, 1]."""
+    pp = config.input.get("eval_video_pp")
+    if pp:
+        return pp
+    size = config.model.image_size
+    size = size if isinstance(size, int) else tuple(size)
+    return (
+        f"decode_sample_frames({config.model.num_frames}, stride=2)|resize({size})"
+        "|value_range(-1, 1)"
+    )
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config, read from ``workdir/config.json`` (written by the trainer)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a run's workdir (launch.py writes {CONFIG_FILE})"
+        )
+    with open(path) as f:
+        try:
+            return ml_collections.ConfigDict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def checkpoint_step(workdir: str, step: int | None) -> int:
+    """`step` if ``workdir/checkpoints`` holds it, else (None) the latest complete one."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} not found: the run has no checkpoints")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(manager.all_steps())
+    manager.close()
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"--checkpoint {step}: not in {directory}; steps: {steps}")
+    return step
+
+
+def _abstract_params(model: multitask.MultitaskModel, config: ml_collections.ConfigDict):
+    """Shapes and dtypes of the inference parameters (no MVM decoder): nothing is computed."""
+    size = config.model.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    batch = {
+        "video": jax.ShapeDtypeStruct((1, config.model.num_frames, height, width, 1), jnp.float32),
+        "text_ids": jax.ShapeDtypeStruct((1, config.input.text_max_len), jnp.int32),
+        "text_mask": jax.ShapeDtypeStruct((1, config.input.text_max_len), jnp.bool_),
+        "caption_in": jax.ShapeDtypeStruct((1, config.input.caption_max_len), jnp.int32),
+    }
+
+    def init(rng, batch):
+        return model.init({"params": rng}, batch, train=False, mvm=False)["params"]
+
+    return jax.eval_shape(init, jax.random.key(0), batch)
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """The run in `workdir` at checkpoint `step` (default: the latest), ready for inference.
+
+    The model is rebuilt from ``config.json``; the parameters it needs for
+    inference (all but the MVM decoder's) are read from the checkpoint's
+    ``params`` into a target made with ``jax.eval_shape``, replicated over a
+    mesh of every device. Raises naming the missing file, step or weight.
+    """
+    from input_pipeline import data_cache
+
+    if jax.process_count() > 1:
+        raise RuntimeError(
+            f"inference runs in one process; this is process {jax.process_index()} of "
+            f"{jax.process_count()}"
+        )
+    config = load_config(workdir)
+    step = checkpoint_step(workdir, step)
+    data_dir = data_cache.resolve_data_dir(config.input)
+    caption_spec = train._tokenizer_spec(config.input.caption_tokenizer, data_dir)
+    text_spec = train._tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
+    caption_tokenizer = tokenizers.get_tokenizer(caption_spec)
+    model = train.build_model(config, caption_tokenizer.vocab_size, caption_tokenizer.pad_id)
+    mesh = sharding.make_mesh()
+    replicated = sharding.replicated(mesh)
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+        _abstract_params(model, config),
+    )
+    params = checkpoint.load_subset(workdir, step, target, include=".*")
+    return Run(
+        workdir=workdir,
+        step=step,
+        config=config,
+        model=model,
+        params=params,
+        caption_tokenizer=caption_tokenizer,
+        text_tokenizer=tokenizers.get_tokenizer(text_spec),
+        text_tokenizer_spec=text_spec,
+        data_dir=data_dir,
+        mesh=mesh,
+    )
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def _padded_batch_size(batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the device count (each device gets a slice)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    devices = jax.device_count()
+    return -(-batch_size // devices) * devices
+
+
+def _device_batches(run: Run, arrays: Sequence[np.ndarray], batch_size: int):
+    """Yields (device arrays, number of real rows) over `arrays`' leading axis.
+
+    Every batch has `batch_size` rows (rounded up to the device count; the last
+    one padded with copies of its first row) and is split over the mesh.
+    """
+    batch_size = _padded_batch_size(batch_size)
+    total = len(arrays[0])
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    for start in range(0, total, batch_size):
+        real = min(batch_size, total - start)
+        chunk = []
+        for array in arrays:
+            part = np.asarray(array[start : start + real])
+            if real < batch_size:
+                filler = np.repeat(part[:1], batch_size - real, axis=0)
+                part = np.concatenate([part, filler])
+            chunk.append(jax.device_put(part, batch_sharding))
+        yield chunk, real
+
+
+def _check_clips(videos: np.ndarray, where: str) -> np.ndarray:
+    videos = np.asarray(videos)
+    if videos.ndim != 5 or not np.issubdtype(videos.dtype, np.floating):
+        raise ValueError(
+            f"{where}: videos must be float clips [N, T, H, W, C] (the eval pp's output), "
+            f"got {videos.dtype} {videos.shape}"
+        )
+    if len(videos) == 0:
+        raise ValueError(f"{where}: no videos")
+    return videos.astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _video_embeddings(model: multitask.MultitaskModel, params, video: jax.Array) -> jax.Array:
+    emb, _ = model.apply({"params": params}, video, method=multitask.MultitaskModel.encode_video)
+    return emb  # [B, E]
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _text_embeddings(
+    model: multitask.MultitaskModel, params, text_ids: jax.Array, text_mask: jax.Array
+) -> jax.Array:
+    emb, _ = model.apply(
+        {"params": params}, text_ids, text_mask, method=multitask.MultitaskModel.encode_text
+    )
+    return emb  # [B, E]
+
+
+def embed_videos(run: Run, videos: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """L2-normalised video embeddings float32 [N, E] of clips [N, T, H, W, C]."""
+    videos = _check_clips(videos, "embed_videos")
+    out = []
+    for (video,), real in _device_batches(run, [videos], batch_size):
+        emb = _video_embeddings(run.model, run.params, video)
+        out.append(np.asarray(jax.device_get(emb))[:real])
+    return np.concatenate(out)
+
+
+def tokenize_texts(run: Run, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Text-encoder ids int32 and mask bool, [N, text_max_len], as the pipeline's ``tokenize``."""
+    max_len = run.config.input.text_max_len
+    ids = np.zeros([len(texts), max_len], np.int32)
+    mask = np.zeros([len(texts), max_len], bool)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(text)}")
+        ids[i], length = tokenizers.encode_padded(run.text_tokenizer, text, max_len)
+        mask[i, :length] = True
+    return ids, mask
+
+
+def embed_texts(run: Run, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """L2-normalised report embeddings float32 [N, E] of `texts`."""
+    if isinstance(texts, str):
+        raise TypeError("embed_texts: texts must be a sequence of str, got one str")
+    if not texts:
+        raise ValueError("embed_texts: no texts")
+    ids, mask = tokenize_texts(run, texts)
+    out = []
+    for (batch_ids, batch_mask), real in _device_batches(run, [ids, mask], batch_size):
+        emb = _text_embeddings(run.model, run.params, batch_ids, batch_mask)
+        out.append(np.asarray(jax.device_get(emb))[:real])
+    return np.concatenate(out)
+
+
+def generate_reports(
+    run: Run, videos: np.ndarray, *, beam_size: int = 1, batch_size: int = 16
+) -> GeneratedReports:
+    """Reports written by the caption decoder for clips [N, T, H, W, C].
+
+    `beam_size` 1 decodes greedily, more runs beam search (``decode.beam_search``
+    with its default length penalty). Decoding stops at EOS or ``caption_max_len``.
+    """
+    if beam_size < 1:
+        raise ValueError(f"generate_reports: beam_size must be at least 1, got {beam_size}")
+    videos = _check_clips(videos, "generate_reports")
+    tok = run.caption_tokenizer
+    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    if beam_size == 1:
+        strategy: dict[str, Any] = {"strategy": "greedy"}
+    else:
+        strategy = {"strategy": "beam", "beam_size": beam_size}
+    tokens = []
+    for (video,), real in _device_batches(run, [videos], batch_size):
+        out = multitask.generate(run.model, run.params, video, **ids, **strategy)
+        tokens.append(np.asarray(jax.device_get(out.tokens))[:real])
+    all_tokens = np.concatenate(tokens).astype(np.int32)
+    return GeneratedReports([tok.decode(row.tolist()) for row in all_tokens], all_tokens)
