@@ -131,10 +131,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.mask_type = "tube"
     config.model.mask_ratio = 0.9
     config.model.normalize_mvm_target = True
+    # The contrastive logit scale and bias at init: SigLIP's 10 and -10 for large
+    # batches; runlocal's batch of 16 starts from the one-positive-per-row prior.
+    config.model.init_temperature = 10.0
+    config.model.init_bias = -10.0
     config.model.dropout = 0.0
     config.model.dtype = "float32"  # 'bfloat16' on accelerators
     config.model.encoder_overrides = dict(attention_type="joint", pool_type="map", remat=False)
     config.model.caption_decoder_overrides = dict(parallel_fraction=0.0)
+    # Report embedding: the mean of the text tower's token states. A from-scratch
+    # tower's [CLS] state is nearly the same for every report at init (cosine
+    # ~0.99999), which stalls the contrastive loss for its first hundreds of steps.
+    config.model.text_overrides = dict(pool_type="mean")
     config.text_init = ""  # a local Hugging Face BERT folder (e.g. PubMedBERT)
 
     # ----------------------------------------------------------------------- loss
@@ -194,6 +202,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split="val",
         batch_size=eval_batch,
         level="video",
+    )
+    config.evals.val_captioning = dict(
+        type="captioning",
+        log_steps=eval_steps,
+        at_start=arg.runlocal,
+        split="val",
+        batch_size=eval_batch,
+        strategy="greedy",
+    )
+    config.evals.val_mvm = dict(
+        type="mvm", log_steps=eval_steps, split="val", batch_size=eval_batch, num_images=4
+    )
+    # Probes every label column prepare carried (the synthetic set: significant lesion
+    # and maximum stenosis per system), fitted on the train split.
+    config.evals.val_probe = dict(
+        type="linear_probe",
+        log_steps=eval_steps,
+        split="val",
+        train_split="train",
+        batch_size=eval_batch,
     )
 
     # ------------------------------------------------------ init from another run

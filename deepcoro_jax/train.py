@@ -152,9 +152,12 @@ def build_model(
         mask_type=m.mask_type,
         mask_ratio=m.mask_ratio,
         normalize_mvm_target=m.normalize_mvm_target,
+        init_temperature=m.init_temperature,
+        init_bias=m.init_bias,
         dropout=m.dropout,
         dtype=m.dtype,
         encoder_overrides=dict(m.encoder_overrides),
+        text_overrides=dict(m.text_overrides),
         caption_decoder_overrides=dict(m.caption_decoder_overrides),
     )
 
@@ -526,6 +529,13 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         shuffle_buffer=config.input.shuffle_buffer,
         study_videos=config.input.study_videos,
     )
+    if config.input.study_videos is not None:
+        # The report's fields repeat in every video slot of a study: keep one.
+        train_ds = train_ds.map(
+            lambda b: {
+                k: v if k in ("video", pipeline.VIDEO_MASK_KEY) else v[:, 0] for k, v in b.items()
+            }
+        )
     train_iter = pipeline.InputIterator(train_ds)
     # One example's shapes (per-process batch dimension replaced by 1).
     example_batch = {

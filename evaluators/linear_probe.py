@@ -300,6 +300,8 @@ class Evaluator:
                                  f"{ctx.data_dir}; it has {numeric}")
         self.ctx, self.split, self.train_split = ctx, split, train_split
         self.batch_size, self.labels = batch_size, list(labels)
+        # What the trainer prints: each label's AUROC or MAE (whichever it gets).
+        self.HEADLINE = tuple(f"{c}/{m}" for c in self.labels for m in ("auroc", "mae"))
         self.l2, self.bootstrap, self.seed = float(l2), int(bootstrap), seed
         model = ctx.model
 

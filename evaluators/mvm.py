@@ -122,6 +122,8 @@ class Evaluator:
     is its width, and the PNG shows that range from black to white.
     """
 
+    HEADLINE = ("mse", "psnr")
+
     def __init__(
         self,
         ctx: common.EvalContext,

@@ -3,10 +3,10 @@
 ``MultitaskModel`` composes the components of the other model files and adds
 the contrastive heads: ``video_projection`` and ``text_projection`` (Dense to
 ``embed_dim``, then L2 normalisation) and the learnable scalars
-``log_temperature`` (init ``losses.INIT_LOG_TEMPERATURE``) and ``bias`` (init
-``losses.INIT_BIAS``). Parameter tree (one top-level name per component, so a
-trainer can replace or freeze one, e.g. put a Hugging Face BERT import under
-``'text'``)::
+``log_temperature`` and ``bias`` (initialised from ``init_temperature`` and
+``init_bias``, by default SigLIP's 10 and -10). Parameter tree (one top-level
+name per component, so a trainer can replace or freeze one, e.g. put a Hugging
+Face BERT import under ``'text'``)::
 
     encoder/ text/ caption_decoder/ mvm_decoder/ video_projection/ text_projection/
     log_temperature  bias
@@ -128,6 +128,10 @@ class MultitaskModel(nn.Module):
             the factorised encoder) or 'random'.
         mask_ratio: fraction of each video's tubelets hidden from the encoder.
         normalize_mvm_target: per-tubelet standardised targets (VideoMAE) or raw pixels.
+        init_temperature, init_bias: the contrastive logit scale and bias at
+            initialisation. SigLIP's 10 and -10 suit large batches; for a batch
+            of B, a bias near -log(B) starts the sigmoid loss at the prior of one
+            positive per row, which small-batch runs learn from much sooner.
     """
 
     encoder: ViViT
@@ -139,6 +143,8 @@ class MultitaskModel(nn.Module):
     mask_type: str = "tube"
     mask_ratio: float = 0.9
     normalize_mvm_target: bool = True
+    init_temperature: float = math.exp(INIT_LOG_TEMPERATURE)
+    init_bias: float = INIT_BIAS
 
     def setup(self) -> None:
         if self.contrastive_tokens not in CONTRASTIVE_TOKENS:
@@ -164,9 +170,12 @@ class MultitaskModel(nn.Module):
         self.video_projection = nn.Dense(self.embed_dim, dtype=self.encoder.dtype)
         self.text_projection = nn.Dense(self.embed_dim, dtype=self.text.dtype)
         self.log_temperature = self.param(
-            "log_temperature", nn.initializers.constant(INIT_LOG_TEMPERATURE), (), jnp.float32
+            "log_temperature",
+            nn.initializers.constant(math.log(self.init_temperature)),
+            (),
+            jnp.float32,
         )
-        self.bias = self.param("bias", nn.initializers.constant(INIT_BIAS), (), jnp.float32)
+        self.bias = self.param("bias", nn.initializers.constant(self.init_bias), (), jnp.float32)
 
     def _video_outputs(self, encoder_aux: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
         """Encoder aux -> (normalised video_emb [B, E], named video intermediates)."""
@@ -365,6 +374,8 @@ def make_model(
     mask_type: str = "tube",
     mask_ratio: float = 0.9,
     normalize_mvm_target: bool = True,
+    init_temperature: float = math.exp(INIT_LOG_TEMPERATURE),
+    init_bias: float = INIT_BIAS,
     dropout: float = 0.0,
     dtype: Any = "float32",
     encoder_overrides: Mapping[str, Any] | None = None,
@@ -396,8 +407,8 @@ def make_model(
         caption_max_len: longest caption (decoder position table and KV cache).
         pad_id: the tokenizer's padding id (a from-scratch text tower's zero embedding row).
         embed_dim: the shared contrastive embedding width; default the encoder's width.
-        contrastive_tokens, mask_type, mask_ratio, normalize_mvm_target: see
-            ``MultitaskModel``.
+        contrastive_tokens, mask_type, mask_ratio, normalize_mvm_target,
+            init_temperature, init_bias: see ``MultitaskModel``.
         dropout: dropout rate of the encoder, caption decoder and a from-scratch
             text tower (a Hugging Face config brings its own; ``text_overrides``
             can change it).
@@ -488,6 +499,8 @@ def make_model(
         mask_type=mask_type,
         mask_ratio=mask_ratio,
         normalize_mvm_target=normalize_mvm_target,
+        init_temperature=init_temperature,
+        init_bias=init_bias,
     )
 
 

@@ -1,0 +1,73 @@
+"""Evaluators run by the trainer: on schedule, at step 0, logged, and with --mode eval.
+
+One in-process training of the micro config (2 steps on 8 fake devices) with a
+retrieval evaluator at step 0 and at the end; then mode='eval' on its checkpoint
+must reproduce the end-of-training results, since it evaluates the same parameters.
+"""
+
+import json
+
+import pytest
+from evaltools import micro_config
+
+from deepcoro_jax import train
+
+
+def _config(data_dir: str):
+    config = micro_config()
+    config.input.data_dir = data_dir
+    config.update(total_steps=2, ckpt_steps=2, log_training_steps=1)
+    config.optim.schedule.warmup_steps = 1
+    config.evals = {
+        "train_retrieval": dict(
+            type="retrieval", log_steps=2, at_start=True, split="train", batch_size=16
+        )
+    }
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    returned = train.main(_config(synthetic_data), str(workdir))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return workdir, returned, {r["step"]: r for r in records}
+
+
+def test_evaluators_run_at_step_0_and_on_schedule(trained):
+    _, returned, records = trained
+    assert sorted(records) == [0, 1, 2]
+    assert "loss" not in records[0] and "train_retrieval/v2t_recall@5" in records[0]
+    assert "train_retrieval/v2t_recall@5" not in records[1]
+    assert "loss" in records[2] and "train_retrieval/v2t_recall@5" in records[2]
+    assert returned["train_retrieval/v2t_mrr"] == records[2]["train_retrieval/v2t_mrr"]
+    # Training moved the embeddings: the evaluations at steps 0 and 2 differ.
+    assert records[0]["train_retrieval/alignment"] != records[2]["train_retrieval/alignment"]
+
+
+def test_mode_eval_reproduces_the_last_evaluation(trained, synthetic_data):
+    workdir, _, records = trained
+    results = train.main(_config(synthetic_data), str(workdir), mode="eval")
+    for name, value in results.items():
+        if not name.endswith("/seconds"):
+            assert value == pytest.approx(records[2][name], rel=1e-5, abs=1e-6), name
+
+
+def test_mode_eval_needs_a_checkpoint_and_evaluators(synthetic_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main(_config(synthetic_data), str(tmp_path / "empty"), mode="eval")
+    config = _config(synthetic_data)
+    config.evals = {}
+    with pytest.raises(ValueError, match="config.evals, which is empty"):
+        train.main(config, str(tmp_path / "none"), mode="eval")
+
+
+def test_a_bad_evaluator_is_named(synthetic_data, tmp_path):
+    config = _config(synthetic_data)
+    config.evals.train_retrieval.type = "retreival"
+    with pytest.raises(ValueError, match=r"config.evals.train_retrieval.type='retreival'"):
+        train.main(config, str(tmp_path / "typo"))
+    config = _config(synthetic_data)
+    config.evals.train_retrieval.topk = 3
+    with pytest.raises(ValueError, match=r"config.evals.train_retrieval: .*topk"):
+        train.main(config, str(tmp_path / "unknown_option"))
