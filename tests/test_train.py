@@ -59,7 +59,11 @@ def get_config(arg=None):
     config.input.caption_max_len = 32
     config.input.video_pp = "{VIDEO_PP}"
     config.input.eval_video_pp = "decode_sample_frames(4, stride=2)|resize(32)|value_range(-1, 1)"
-    config.evals = {{}}  # the evaluators are tested with the trainer in test_eval_wiring.py
+    # Retrieval over the train split at the last step: the multi-device and two-process
+    # runs check that it sees every example once (more in test_eval_wiring.py).
+    config.evals = {{
+        "train_retrieval": dict(type="retrieval", log_steps=1000, split="train", batch_size=8)
+    }}
     config.model.update(num_frames=4, image_size=32, patch_size=(2, 8, 8), mask_ratio=0.75)
     config.model.encoder_overrides.depth = 1
     config.model.caption_decoder_overrides.num_layers = 1
@@ -582,6 +586,11 @@ def test_data_parallel_and_fsdp_match_one_device(setup, runs, reference, name):
     for step, record in metrics.items():
         for key in LOSS_KEYS:
             np.testing.assert_allclose(record[key], expected[step][key], rtol=1e-5, err_msg=key)
+    if name == "fsdp":  # the same parameters, sharded another way: the same evaluation
+        data_parallel = _metrics(setup["root"] / "data_parallel")[3]
+        for key, value in data_parallel.items():
+            if key.startswith("train_retrieval/") and not key.endswith("/seconds"):
+                np.testing.assert_allclose(metrics[3][key], value, rtol=1e-4, err_msg=key)
 
 
 @pytest.mark.slow
@@ -597,6 +606,14 @@ def test_two_processes_agree(setup, runs):
     workdir = setup["root"] / "two_processes"
     metrics = _metrics(workdir)
     np.testing.assert_allclose([metrics[s]["loss"] for s in (1, 2, 3)], losses[0], atol=1e-6)
+    # Each process embedded its own part of the split; together, every video once.
+    from input_pipeline import data_cache, dataset_format
+
+    prepared = os.path.join(
+        data_cache.synthetic_dir(dict(SYNTHETIC, cache_dir=setup["cache"])), "prepared"
+    )
+    videos = dataset_format.num_examples(prepared, "train")
+    assert metrics[3]["train_retrieval/v2t_num_queries"] == videos
     data_files = sorted(p.name for p in (workdir / "checkpoints" / "3" / "data").iterdir())
     for i in range(2):
         assert any(name.startswith(f"process_{i}-of-2") for name in data_files), data_files
