@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_epochs = config_dict.placeholder(float)
     config.total_examples = config_dict.placeholder(int)
     if arg.runlocal:
-        config.total_steps = 300
+        config.total_steps = 900
     else:
         config.total_epochs = 30.0
     config.log_training_steps = 10 if arg.runlocal else 50
@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.input.data_dir = arg.data
     config.input.synthetic = dict(
         cache_dir=SYNTHETIC_CACHE,
-        num_studies=160 if arg.runlocal else 300,
+        num_studies=600 if arg.runlocal else 300,  # runlocal: 60 val studies to rank
         size=stored_size,
         num_frames=(24, 40) if arg.runlocal else (32, 64),
         seed=0,
@@ -134,7 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The contrastive logit scale and bias at init: SigLIP's 10 and -10 for large
     # batches; runlocal's batch of 16 starts from the one-positive-per-row prior.
     config.model.init_temperature = 10.0
-    config.model.init_bias = -10.0
+    config.model.init_bias = -2.7 if arg.runlocal else -10.0  # runlocal: -log(16)
     config.model.dropout = 0.0
     config.model.dtype = "float32"  # 'bfloat16' on accelerators
     config.model.encoder_overrides = dict(attention_type="joint", pool_type="map", remat=False)

@@ -171,7 +171,7 @@ def test_durations_in_any_unit():
         )
 
 
-@pytest.mark.parametrize("arg,total,warmup", [("runlocal", 300, 20), ("size=base", 1500, 75)])
+@pytest.mark.parametrize("arg,total,warmup", [("runlocal", 900, 20), ("size=base", 1500, 75)])
 def test_recipe_durations_resolve(arg, total, warmup):
     """The recipe sets exactly one unit of each duration (30 epochs, 5% warmup for the full one)."""
     config = multitask_config.get_config(arg)
@@ -305,7 +305,8 @@ def test_the_trainer_reads_every_config_field(tmp_path_factory):
     # The EMA teacher: a copy of the model at step 1 (same rngs: no KL up to rounding),
     # then behind it.
     lines = (workdir / "first" / "metrics.jsonl").read_text().splitlines()
-    distill = {r["step"]: r["loss/distill"] for r in map(json.loads, lines)}
+    records = [json.loads(line) for line in lines]
+    distill = {r["step"]: r["loss/distill"] for r in records if "loss/distill" in r}
     assert abs(distill[1]) < 1e-6 and distill[2] > 1e-4, distill
 
     # config.init worked: the second run (another seed) started from the first run's
