@@ -131,10 +131,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.mask_type = "tube"
     config.model.mask_ratio = 0.9
     config.model.normalize_mvm_target = True
-    # The contrastive logit scale and bias at init: SigLIP's 10 and -10 for large
-    # batches; runlocal's batch of 16 starts from the one-positive-per-row prior.
+    # The contrastive logit scale and bias at init (SigLIP's 10 and -10). In short
+    # small-batch runs the bias barely moves from -10 and the embeddings collapse to
+    # reach the chance-level logit; a bias near -log(batch size) avoids that.
     config.model.init_temperature = 10.0
-    config.model.init_bias = -2.7 if arg.runlocal else -10.0  # runlocal: -log(16)
+    config.model.init_bias = -10.0
     config.model.dropout = 0.0
     config.model.dtype = "float32"  # 'bfloat16' on accelerators
     config.model.encoder_overrides = dict(attention_type="joint", pool_type="map", remat=False)
