@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from deepcoro_jax import inference
+from deepcoro_jax.inference import positive_int
 
 TEXT_KEYS = ("study_id", "path", "report")
 LABEL_PREFIX = "label/"
@@ -84,13 +85,6 @@ def export_embeddings(
     return out
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deepcoro_jax.export",
@@ -101,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", required=True, help="the split to embed, e.g. test")
     parser.add_argument("--out", required=True, help="the .npz file to write")
     parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--batch_size", type=_positive, default=32, help="clips per batch")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="clips per batch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not args.out.endswith(".npz"):

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from deepcoro_jax import attention_maps, inference, reports
+from deepcoro_jax.inference import positive_int
 
 FILES_PER_CHUNK = 16  # clips held in memory at once
 BANK_COLUMN = "report"
@@ -227,13 +228,6 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
     return processed
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deepcoro_jax.infer",
@@ -242,10 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the trained run's workdir")
     parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--bank", help="CSV with a 'report' column (default: the train split)")
-    parser.add_argument("--top_k", type=_positive, default=5, help="bank reports to show")
+    parser.add_argument("--top_k", type=positive_int, default=5, help="bank reports to show")
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
     parser.add_argument("--attention", metavar="OUTDIR", help="write attention maps here")
-    parser.add_argument("--beam", type=_positive, default=1, help="beam size (1: greedy)")
+    parser.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy)")
     parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, AVI, MP4 or .npy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -19,6 +19,7 @@ prepared dataset's metadata is read.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -296,3 +297,11 @@ def generate_reports(
         tokens.append(np.asarray(jax.device_get(out.tokens))[:real])
     all_tokens = np.concatenate(tokens).astype(np.int32)
     return GeneratedReports([tok.decode(row.tolist()) for row in all_tokens], all_tokens)
+
+
+def positive_int(value: str) -> int:
+    """An argparse type for the command-line tools: an int of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number

@@ -154,6 +154,17 @@ def make_predict(fn: Callable[[Any, dict], dict], mesh: Mesh) -> Callable:
     return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
 
+def video_embedder(ctx: EvalContext) -> Callable:
+    """``make_predict`` of the model's normalised video embedding: {'video_emb': [B, E]}."""
+    model = ctx.model
+
+    def embed_videos(params, batch):
+        video_emb, _ = model.apply({"params": params}, batch["video"], method="encode_video")
+        return {"video_emb": video_emb}
+
+    return make_predict(embed_videos, ctx.mesh)
+
+
 def predict_split(
     ctx: EvalContext,
     predict: Callable,

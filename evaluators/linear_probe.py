@@ -303,13 +303,7 @@ class Evaluator:
         # What the trainer prints: each label's AUROC or MAE (whichever it gets).
         self.HEADLINE = tuple(f"{c}/{m}" for c in self.labels for m in ("auroc", "mae"))
         self.l2, self.bootstrap, self.seed = float(l2), int(bootstrap), seed
-        model = ctx.model
-
-        def embed_videos(params, batch):
-            video_emb, _ = model.apply({"params": params}, batch["video"], method="encode_video")
-            return {"video_emb": video_emb}
-
-        self._embed_videos = common.make_predict(embed_videos, ctx.mesh)
+        self._embed_videos = common.video_embedder(ctx)
 
     def _split_features(self, params: Any, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Video embeddings [N, E] of `split` and its label columns [N], by manifest row."""

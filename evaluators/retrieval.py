@@ -299,17 +299,13 @@ class Evaluator:
         self.ks = _check_ks(ks)
         model = ctx.model
 
-        def embed_videos(params, batch):
-            video_emb, _ = model.apply({"params": params}, batch["video"], method="encode_video")
-            return {"video_emb": video_emb}
-
         def embed_texts(params, text_ids, text_mask):
             text_emb, _ = model.apply(
                 {"params": params}, text_ids, text_mask, method="encode_text"
             )
             return text_emb
 
-        self._embed_videos = common.make_predict(embed_videos, ctx.mesh)
+        self._embed_videos = common.video_embedder(ctx)
         self._embed_texts = jax.jit(embed_texts, out_shardings=sharding.replicated(ctx.mesh))
 
     def run(self, params: Any, step: int) -> dict[str, float]:
