@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_locca import random_params
 
 from deepcoro_jax import attention_maps, reports, tokenizers
 from deepcoro_jax.models.locca import CaptionDecoder
@@ -31,20 +32,6 @@ def make_decoder() -> CaptionDecoder:
         num_heads=HEADS,
         max_len=MAX_LEN,
     )
-
-
-def random_params(decoder: CaptionDecoder, memory_dim: int, seed: int):
-    """Random parameters of ``decoder.init``'s structure (weights ~ N(0, 0.3))."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    memory = jax.ShapeDtypeStruct((1, 1, memory_dim), jnp.float32)
-    shapes = jax.eval_shape(decoder.init, jax.random.key(0), tokens, memory)["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        offset = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(offset + 0.3 * rng.standard_normal(leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope="module")
