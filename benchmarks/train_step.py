@@ -62,7 +62,7 @@ CPU_DEFAULTS = dict(
 )
 ACCELERATOR_DEFAULTS = dict(
     size="base",
-    batch_size=32,
+    batch_size=16,
     num_frames=16,
     image_size=224,
     dtype="bfloat16",

@@ -24,9 +24,12 @@ def attention(
 ) -> jax.Array:
     """Scaled dot-product attention on [B, L, heads, head_dim] inputs.
 
-    A thin wrapper around ``jax.nn.dot_product_attention`` with the default
-    implementation, so that XLA picks cuDNN flash attention on GPU when the
-    dtypes and shapes allow it and the plain XLA kernel elsewhere.
+    A thin wrapper around ``jax.nn.dot_product_attention`` with its default
+    implementation, which is the XLA kernel on every backend: it stores each
+    [Lq, Lk] score matrix for the backward pass. For ViViT-B's 1568 tokens at
+    batch 16 on one H200 that is most of the train step's 48 GB (without MVM);
+    ``implementation='cudnn'`` (fused attention) would avoid it but has not
+    been measured here yet (benchmarks/gpu.sh).
 
     Args:
         query: [B, Lq, heads, head_dim].
