@@ -19,7 +19,7 @@ PNG (default ``DIR/plots/training_curves.png``), with matplotlib's Agg backend:
   clinical summary metrics, MSE, PSNR, AUROC, MAE, with an optional direction
   prefix such as ``v2t_``; per-stratum breakdowns, which hold a ``/``, are
   left out). An evaluator none of whose metrics match gets all of its metrics
-  but the counts (``num_*``). Metrics whose values all lie in [0, 1] share the
+  but the counts (``num_*``, also per label) and its ``seconds``. Metrics whose values all lie in [0, 1] share the
   left axis; the others (ranks, BLEU, PSNR, ...) go on a right axis, dashed
   (on the main axis when there are no [0, 1] metrics).
 
@@ -137,6 +137,12 @@ def _in_unit_interval(series: Series) -> bool:
     return bool(np.all((finite >= 0.0) & (finite <= 1.0)))
 
 
+def _is_bookkeeping(metric: str) -> bool:
+    """Counts (``num_*``, also per label as ``<label>/num_*``) and an evaluator's ``seconds``."""
+    last = metric.rsplit("/", 1)[-1]
+    return last.startswith("num_") or metric == "seconds"
+
+
 def _ordered_unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -186,7 +192,7 @@ def curve_panels(
         metrics = {k: k.split("/", 1)[1] for k in prefixed if k.split("/")[0] == name}
         chosen = [k for k, metric in metrics.items() if headline.search(metric)]
         if not chosen:
-            chosen = [k for k, metric in metrics.items() if not metric.startswith("num_")]
+            chosen = [k for k, metric in metrics.items() if not _is_bookkeeping(metric)]
         eval_series = series(chosen or list(metrics))
         add(
             name,

@@ -41,7 +41,13 @@ EVAL_RECORDS = [
         "val_retrieval/num_queries": 64.0,
     },
     {"step": 10, "val_captions/bleu4": 12.5, "val_captions/severity_macro_f1": 0.25},
-    {"step": 10, "probe/custom_score": 3.5, "probe/num_examples": 40.0},
+    {  # a probe-like evaluator: per-label metrics and counts, and its run time
+        "step": 10,
+        "probe/custom_score": 3.5,
+        "probe/num_examples": 40.0,
+        "probe/label_a/num_examples": 40.0,
+        "probe/seconds": 2.5,
+    },
     {
         "step": 20,
         "val_retrieval/v2t_recall@5": 0.5,
@@ -68,7 +74,8 @@ EXPECTED_PANELS = {  # title: (left-axis keys, right-axis keys)
     # Headline metrics only: no Recall@50, per-stratum recall or counts; ranks on the right.
     "val_retrieval": (["val_retrieval/v2t_recall@5"], ["val_retrieval/v2t_median_rank"]),
     "val_captions": (["val_captions/severity_macro_f1"], ["val_captions/bleu4"]),
-    # No headline metric: everything but the counts (on the main axis, as nothing is in [0, 1]).
+    # No headline metric: everything but the counts and seconds (on the main axis, as
+    # nothing is in [0, 1]).
     "probe": (["probe/custom_score"], []),
 }
 
