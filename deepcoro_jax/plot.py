@@ -19,8 +19,9 @@ PNG (default ``DIR/plots/training_curves.png``), with matplotlib's Agg backend:
   clinical summary metrics, MSE, PSNR, AUROC, MAE, with an optional direction
   prefix such as ``v2t_``; per-stratum breakdowns, which hold a ``/``, are
   left out). An evaluator none of whose metrics match gets all of its metrics
-  but the counts (``num_*``, also per label) and its ``seconds``. Metrics whose values all lie in [0, 1] share the
-  left axis; the others (ranks, BLEU, PSNR, ...) go on a right axis, dashed
+  but the counts (``num_*``, also per label) and its ``seconds``. Metrics whose
+  values all lie in [0, 1] share the left axis; the others (ranks, BLEU, PSNR,
+  ...) go on a right axis, dashed
   (on the main axis when there are no [0, 1] metrics).
 
 Lines that are not complete JSON (the last line of a run that was killed while
