@@ -503,9 +503,9 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
 
     # ------------------------------------------------------------------ input
     data_dir = data_cache.resolve_data_dir(config.input, process_index=jax.process_index())
-    caption_spec = _tokenizer_spec(config.input.caption_tokenizer, data_dir)
+    caption_spec = tokenizer_spec(config.input.caption_tokenizer, data_dir)
     caption_tok = tokenizers.get_tokenizer(caption_spec)
-    text_spec = _tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
+    text_spec = tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
     global_batch = config.input.batch_size
     accum_steps = config.grad_accum_steps
     if global_batch % (jax.device_count() * accum_steps):
@@ -754,7 +754,13 @@ def check_video_shape(
         )
 
 
-def _tokenizer_spec(spec: str, data_dir: str, text_init: str = "") -> str:
+def tokenizer_spec(spec: str, data_dir: str, text_init: str = "") -> str:
+    """The tokenizer spec a run uses for config.input.{text,caption}_tokenizer `spec`.
+
+    'dataset' means the prepared dataset's own tokenizer, or the WordPiece
+    vocabulary of `text_init` (a Hugging Face folder) when one is given; any other
+    spec is used as it is.
+    """
     from input_pipeline import dataset_format
 
     if text_init and spec == "dataset":
