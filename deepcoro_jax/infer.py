@@ -15,10 +15,10 @@ the decoder's cross-attention per sentence as ``OUTDIR/<NNN>_<name>.png`` and
 ``.gif`` (``attention_maps``). ``--json`` prints one JSON object per file.
 
 A file is decoded exactly as ``prepare`` decoded the training videos
-(``video_io.load_video`` at the dataset's frame size, frames encoded in its
-frame format) and turned into a clip by the run's eval pp
-(``input.eval_video_pp``: ``ops`` on an in-memory example). Decoding does not
-know prepare's ``--max_frames``: give files no longer than that was.
+(``video_io.load_video`` at the dataset's frame size and ``--max_frames``,
+frames encoded in its frame format and JPEG quality, all read from the
+dataset's metadata) and turned into a clip by the run's eval pp
+(``input.eval_video_pp``: ``ops`` on an in-memory example).
 
 A file that cannot be used is reported with its reason and skipped; the exit
 status is 0 when any file was processed, 1 when none was, 2 for bad arguments
@@ -61,9 +61,10 @@ def make_clip_loader(run: inference.Run) -> Callable[[str], np.ndarray]:
     )
 
     def load(path: str) -> np.ndarray:
-        decoded = video_io.load_video(path, meta.size)
+        decoded = video_io.load_video(path, meta.size, meta.max_frames)
+        frames = video_io.encode_frames(decoded.frames, meta.frame_format, meta.jpeg_quality)
         example = {
-            "frames": tf.constant(video_io.encode_frames(decoded.frames, meta.frame_format)),
+            "frames": tf.constant(frames),
             "fps": tf.constant(decoded.fps, tf.float32),
             "path": tf.constant(path),
         }

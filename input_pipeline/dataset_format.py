@@ -60,6 +60,10 @@ class DatasetMeta:
     frame_format: str = "png"
     label_columns: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> kind
     tokenizer: str | None = TOKENIZER_FILE  # relative to the dataset folder, or a spec
+    # How prepare decoded and stored the frames, so that inference on raw files can
+    # do the same (datasets written before these were recorded read as the defaults).
+    max_frames: int | None = None  # prepare's --max_frames: only the first N frames kept
+    jpeg_quality: int = 95  # for frame_format 'jpeg'
 
     def __post_init__(self):
         if self.frame_format not in FRAME_FORMATS:

@@ -442,6 +442,8 @@ def prepare(
         frame_format=frame_format,
         label_columns=table.label_kinds,
         tokenizer=tokenizer or dataset_format.TOKENIZER_FILE,
+        max_frames=max_frames,
+        jpeg_quality=jpeg_quality,
     )
     task_of = lambda row: _DecodeTask(
         row.resolved_path, size, max_frames, frame_format, jpeg_quality

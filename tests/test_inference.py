@@ -323,3 +323,27 @@ def test_export_embeddings_are_the_models(run, exported, split_examples):
     np.testing.assert_allclose(arrays["video_emb"][checked], video_emb, atol=1e-5)
     np.testing.assert_allclose(arrays["text_emb"][checked], text_emb, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(arrays["video_emb"], axis=1), 1.0, atol=1e-5)
+
+
+def test_raw_files_are_decoded_with_the_datasets_frame_limit_and_jpeg_quality(
+    run, synthetic_data, tmp_path
+):
+    """prepare records --max_frames and --jpeg_quality; infer decodes raw files with them."""
+    import dataclasses
+
+    from input_pipeline import dataset_format, prepare
+
+    source = os.path.join(os.path.dirname(synthetic_data), "source")
+    out = str(tmp_path / "prepared")
+    size = dataset_format.load_meta(synthetic_data).size
+    prepare.prepare(
+        os.path.join(source, "manifest.csv"), out, size=size, workers=1, max_frames=5,
+        frame_format="jpeg", jpeg_quality=60,
+    )
+    meta = dataset_format.load_meta(out)
+    assert (meta.max_frames, meta.frame_format, meta.jpeg_quality) == (5, "jpeg", 60)
+    load_clip = infer.make_clip_loader(dataclasses.replace(run, data_dir=out))
+    for example in list(dataset_format.read_split(out, "train").as_numpy_iterator())[:2]:
+        assert len(example["frames"]) == 5
+        clip = load_clip(os.path.join(source, example["path"].decode()))
+        np.testing.assert_array_equal(clip, _dataset_clip(run, example))
