@@ -48,7 +48,7 @@ def decoder_case():
 def _numpy_weights(x, memory, query_params, key_params, memory_mask):
     """softmax(q k^T / sqrt(d)) [B, H, L, N] of the projected inputs, masked keys excluded."""
     q = np.einsum("bld,dhk->blhk", x, query_params["kernel"]) + query_params["bias"]
-    k = np.einsum("bnd,dhk->bnhk", memory, key_params["kernel"]) + key_params["bias"]
+    k = np.einsum("bnd,dhk->bnhk", memory, key_params["kernel"])  # keys have no bias
     scores = np.einsum("blhk,bnhk->bhln", q, k) / np.sqrt(q.shape[-1])
     scores = np.where(memory_mask[:, None, None, :], scores, -np.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -126,7 +126,7 @@ def _attend_to(token: int) -> tuple[CaptionDecoder, dict, jax.Array]:
     for i in range(LAYERS):
         cross = params[f"block_{i}"]["cross_attn"]
         cross["query"] = {"kernel": jnp.zeros_like(cross["query"]["kernel"]), "bias": query_bias}
-        cross["key"] = {"kernel": key_kernel, "bias": jnp.zeros_like(cross["key"]["bias"])}
+        cross["key"] = {"kernel": key_kernel}
     memory = np.zeros((1, int(np.prod(GRID)), WIDTH), np.float32)
     memory[0, token, 0] = 10.0
     return decoder, params, jnp.asarray(memory)

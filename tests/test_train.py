@@ -34,9 +34,10 @@ from deepcoro_jax import sharding, train
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 40  # steps of the reference run; the resume test stops halfway
 FSDP_MESH = "(('data', 2), ('fsdp', 2))"
-# Attention key biases: softmax over the keys is invariant to q.b, the same for every
-# key, so their exact gradient is 0 and the computed one is rounding noise that Adam
-# scales to ~lr per step; any change of rounding moves them by up to ~1e-4.
+# Attention key biases (only the BERT-compatible text tower has them): softmax over the
+# keys is invariant to q.b, the same for every key, so their exact gradient is 0 and
+# the computed one is rounding noise that Adam scales to ~lr per step; any change of
+# rounding moves them by up to ~1e-4.
 KEY_BIAS = re.compile(r"\['key'\]\['bias'\]$")
 LOSS_KEYS = ("loss", "loss/contrastive", "loss/caption", "loss/mvm")
 VIDEO_PP = (

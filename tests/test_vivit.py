@@ -82,8 +82,8 @@ def np_encoder_block(params: dict, x: np.ndarray) -> np.ndarray:
     attn, mlp = p["attn"], p["mlp"]
     y = np_layer_norm(x, p["norm1"])
     q, k, v = (
-        np.einsum("bld,dhk->blhk", y, attn[name]["kernel"]) + attn[name]["bias"]
-        for name in ("query", "key", "value")
+        np.einsum("bld,dhk->blhk", y, attn[name]["kernel"]) + attn[name].get("bias", 0.0)
+        for name in ("query", "key", "value")  # the key projection has no bias
     )  # [B, L, heads, head_dim]
     logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -332,11 +332,11 @@ def count_params(tree: dict) -> int:
 @pytest.mark.parametrize(
     "size,encoder_count,total_count",
     [
-        ("mu", 145_984, 195_904),
-        ("tiny", 5_476_416, 5_921_088),
-        ("small", 21_569_664, 23_343_744),
-        ("base", 85_606_656, 92_693_760),
-        ("large", 303_045_632, 315_640_832),
+        ("mu", 145_856, 195_712),
+        ("tiny", 5_474_112, 5_918_592),
+        ("small", 21_565_056, 23_338_752),
+        ("base", 85_597_440, 92_683_776),
+        ("large", 303_021_056, 315_615_232),
     ],
 )
 def test_parameter_counts_16x224x224(size, encoder_count, total_count):
@@ -345,11 +345,12 @@ def test_parameter_counts_16x224x224(size, encoder_count, total_count):
         model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 224, 224, 1), jnp.float32)
     )["params"]
     width, depth, mlp, _ = vivit.SIZES[size]
-    block = 2 * 2 * width + 4 * (width * width + width) + 2 * width * mlp + mlp + width
+    attention = 4 * width * width + 3 * width  # query, key, value, out; no key bias
+    block = 2 * 2 * width + attention + 2 * width * mlp + mlp + width
     embedding = 2 * 16 * 16 * width + width + (8 + 14 * 14) * width
     assert count_params(shapes) - count_params(shapes["map_head"]) == encoder_count
     assert encoder_count == embedding + depth * block + 2 * width
-    map_head = width + 4 * (width * width + width) + 2 * width + 2 * width * mlp + mlp + width
+    map_head = width + attention + 2 * width + 2 * width * mlp + mlp + width
     assert count_params(shapes) == total_count == encoder_count + map_head
     if size == "base":
         assert 85e6 < encoder_count < 87e6

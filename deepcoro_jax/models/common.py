@@ -63,7 +63,12 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention (self- or cross-) through :func:`attention`."""
+    """Multi-head attention (self- or cross-) through :func:`attention`.
+
+    The key projection has no bias: a key bias b adds q.b to every score of a
+    query, which the softmax over keys removes, so its gradient is exactly zero
+    and an optimizer would only turn rounding noise into updates.
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -81,7 +86,9 @@ class MultiHeadAttention(nn.Module):
         head_dim = width // self.num_heads
 
         def project(name: str, inputs: jax.Array) -> jax.Array:
-            return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)(inputs)
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim), use_bias=name != "key", dtype=self.dtype, name=name
+            )(inputs)
 
         query = project("query", inputs_q)  # [B, Lq, heads, head_dim]
         key = project("key", inputs_kv)  # [B, Lk, heads, head_dim]

@@ -115,7 +115,9 @@ class CausalSelfAttention(nn.Module):
         head_dim = _head_dim(width, self.num_heads, "CausalSelfAttention")
 
         def project(name: str) -> jax.Array:
-            return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)(x)
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim), use_bias=name != "key", dtype=self.dtype, name=name
+            )(x)  # no key bias: see common.MultiHeadAttention
 
         query, key, value = project("query"), project("key"), project("value")  # [B, L, H, Dh]
         is_causal = mask is None
@@ -181,7 +183,9 @@ class CrossAttention(nn.Module):
         head_dim = _head_dim(width, self.num_heads, "CrossAttention")
 
         def project(name: str, inputs: jax.Array) -> jax.Array:
-            return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)(inputs)
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim), use_bias=name != "key", dtype=self.dtype, name=name
+            )(inputs)  # no key bias: see common.MultiHeadAttention
 
         query = project("query", x)  # [B, L, H, Dh]
         if decode and self.has_variable("cache", "memory_key"):

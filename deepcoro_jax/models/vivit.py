@@ -42,11 +42,11 @@ Parameter counts (joint attention, 16x224x224x1 input, patch 2x16x16; each
 extra input channel adds 512 * D; tested in tests/test_vivit.py):
 
   size     encoder       with MAP head
-  mu           145,984         195,904
-  tiny       5,476,416       5,921,088
-  small     21,569,664      23,343,744
-  base      85,606,656      92,693,760
-  large    303,045,632     315,640,832
+  mu           145,856         195,712
+  tiny       5,474,112       5,918,592
+  small     21,565,056      23,338,752
+  base      85,597,440      92,683,776
+  large    303,021,056     315,615,232
 
 Not here: the MVM decoder and masks (``mvm.py``), heads and losses.
 """
