@@ -26,10 +26,10 @@ def attention(
 
     A thin wrapper around ``jax.nn.dot_product_attention`` with its default
     implementation, which is the XLA kernel on every backend: it stores each
-    [Lq, Lk] score matrix for the backward pass. For ViViT-B's 1568 tokens at
-    batch 16 on one H200 that is most of the train step's 48 GB (without MVM);
-    ``implementation='cudnn'`` (fused attention) would avoid it but has not
-    been measured here yet (benchmarks/gpu.sh).
+    [Lq, Lk] score matrix for the backward pass (for ViViT-B's 1568 tokens at
+    batch 16, an estimated 0.9-1.9 GB per layer; docs/running.md has the GPU
+    table). ``implementation='cudnn'`` (fused attention) would avoid it but has
+    not been measured here yet (benchmarks/gpu.sh).
 
     Args:
         query: [B, Lq, heads, head_dim].
@@ -62,13 +62,20 @@ class MlpBlock(nn.Module):
         return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention (self- or cross-) through :func:`attention`.
+def head_projection(name: str, num_heads: int, head_dim: int, dtype: Dtype) -> nn.DenseGeneral:
+    """The [..., D] -> [..., heads, head_dim] projection named 'query', 'key' or 'value'.
 
+    Call it inside a compact module (the Dense is that module's child `name`).
     The key projection has no bias: a key bias b adds q.b to every score of a
     query, which the softmax over keys removes, so its gradient is exactly zero
     and an optimizer would only turn rounding noise into updates.
     """
+    return nn.DenseGeneral((num_heads, head_dim), use_bias=name != "key", dtype=dtype, name=name)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (self- or cross-) through :func:`attention`; projections
+    from :func:`head_projection`."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -86,9 +93,7 @@ class MultiHeadAttention(nn.Module):
         head_dim = width // self.num_heads
 
         def project(name: str, inputs: jax.Array) -> jax.Array:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), use_bias=name != "key", dtype=self.dtype, name=name
-            )(inputs)
+            return head_projection(name, self.num_heads, head_dim, self.dtype)(inputs)
 
         query = project("query", inputs_q)  # [B, Lq, heads, head_dim]
         key = project("key", inputs_kv)  # [B, Lk, heads, head_dim]

@@ -57,7 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepcoro_jax.models.common import MlpBlock, attention
+from deepcoro_jax.models.common import MlpBlock, attention, head_projection
 
 Dtype = Any
 Params = Any
@@ -115,9 +115,7 @@ class CausalSelfAttention(nn.Module):
         head_dim = _head_dim(width, self.num_heads, "CausalSelfAttention")
 
         def project(name: str) -> jax.Array:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), use_bias=name != "key", dtype=self.dtype, name=name
-            )(x)  # no key bias: see common.MultiHeadAttention
+            return head_projection(name, self.num_heads, head_dim, self.dtype)(x)
 
         query, key, value = project("query"), project("key"), project("value")  # [B, L, H, Dh]
         is_causal = mask is None
@@ -183,9 +181,7 @@ class CrossAttention(nn.Module):
         head_dim = _head_dim(width, self.num_heads, "CrossAttention")
 
         def project(name: str, inputs: jax.Array) -> jax.Array:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), use_bias=name != "key", dtype=self.dtype, name=name
-            )(inputs)  # no key bias: see common.MultiHeadAttention
+            return head_projection(name, self.num_heads, head_dim, self.dtype)(inputs)
 
         query = project("query", x)  # [B, L, H, Dh]
         if decode and self.has_variable("cache", "memory_key"):
