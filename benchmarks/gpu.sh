@@ -5,8 +5,9 @@
 # compiled once): ViViT-B, 16 x 224 x 224 videos, bf16, global batch 16 (32
 # does not fit one H200 with MVM), with and without MVM, plus the measured bf16
 # matmul peak (8192^3), then prints a table. Compilation is included and
-# reported (ViViT-B's first GPU compile takes minutes); the whole benchmark is time-boxed by `timeout`, and whatever
-# was measured before a time-out is still tabulated.
+# reported (ViViT-B's first GPU compile takes minutes); the whole benchmark is
+# time-boxed by `timeout`, and whatever was measured before a time-out is still
+# tabulated.
 #
 #   bash benchmarks/gpu.sh                                   # from anywhere
 #   SIZE=mu BATCH=4 FRAMES=8 IMAGE=64 DTYPE=float32 MATMUL=1024 STEPS=3 \
