@@ -228,7 +228,13 @@ def test_restored_iterator_continues_the_exact_stream(dataset, tmp_path, study_v
     for a, b in zip(expected, [next(restored) for _ in range(4)], strict=True):
         assert a.keys() == b.keys()
         for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+            if np.issubdtype(a[key].dtype, np.floating):
+                # Same examples and augmentation draws; TF's threaded resize can round
+                # differently by one ulp between runs under load (seen once in CI:
+                # 3e-5 on 0-255 values), a wrong example or draw differs by far more.
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-4, err_msg=key)
+            else:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     with pytest.raises(FileNotFoundError, match="no input iterator state"):
         restored.restore(str(tmp_path / "missing"))
 
