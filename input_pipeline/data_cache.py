@@ -26,10 +26,11 @@ SYNTHETIC_LABELS = (
 
 
 def synthetic_dir(options: Mapping[str, Any]) -> str:
-    """The cache folder of one synthetic configuration (its options are in the name)."""
+    """The cache folder of one synthetic configuration (its options and the renderer's
+    version are in the name, so a changed renderer never reuses an old set)."""
     low, high = options["num_frames"]
     name = (
-        f"synthetic-n{options['num_studies']}-s{options['size']}-f{low}_{high}"
+        f"synthetic-r{synthetic.RENDERER_VERSION}-n{options['num_studies']}-s{options['size']}-f{low}_{high}"
         f"-seed{options['seed']}"
     )
     return os.path.join(os.path.expanduser(options["cache_dir"]), name)

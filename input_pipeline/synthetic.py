@@ -4,7 +4,8 @@ For: the demo and the tests, which need angiogram-like studies whose findings ar
 known exactly and which go through the real path (files -> `prepare` -> shards).
 Each study gets findings from `deepcoro_jax.reports.random_findings`, a rendered
 report, and 2-4 views (at least one left- and one right-system view). Each view is
-a procedurally drawn 3D vessel tree projected for its C-arm angles: segments know
+a procedurally drawn 3D vessel tree projected for its C-arm angles at a fixed
+magnification (a left-dominant study's short RCA looks small): segments know
 their report key, stenoses narrow the vessel by their percent, occlusions stop the
 contrast (faint late filling with collaterals), contrast arrives, fills and washes
 out, the heart beats, and a catheter, spine, ribs and noise sit in the field.
@@ -46,6 +47,9 @@ from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, ge
 
 from deepcoro_jax import reports
 
+# Bumped whenever a change alters the pixels or findings drawn for a seed; the
+# trainer's synthetic cache is keyed on it (data_cache.synthetic_dir).
+RENDERER_VERSION = 2
 FORMATS = ("mp4", "avi", "dcm")
 MANIFEST_COLUMNS = (
     "FileName",
@@ -170,6 +174,10 @@ _LCX_CONTROL_POINTS = {"right": 4, "codominant": 5, "left": 6}
 _RCA_CONTROL_POINTS = {"right": 6, "codominant": 6, "left": 4}
 _RAMUS_PREVALENCE = 0.3
 _SAMPLES_PER_CONTROL_INTERVAL = 40
+# Heart units that `fill` of the frame spans in every view of both systems. The largest
+# trees project to about 1.1 units (a dominant RCA in LAO), so they stay in the frame,
+# while a non-dominant RCA (about 0.5 units) looks as small as it is.
+_FIELD_OF_VIEW = 1.0
 # Centerline attenuation per unit of vessel radius at full contrast (a left main
 # of radius 0.022 darkens its background by about e).
 _CONTRAST_ATTENUATION = 45.0
@@ -379,8 +387,12 @@ def _branch_depth_offsets(anatomy: Anatomy) -> list[float]:
 def _project_centerlines(anatomy: Anatomy, system: str, image_right: np.ndarray,
                          image_up: np.ndarray, size: int, fill: float,
                          shift: np.ndarray) -> _Centerlines:
-    """Projects the system's branches, fits them in the frame and resamples each at
-    _SPACING_PER_SIGMA times its smallest Gaussian width."""
+    """Projects the system's branches, centres them in the frame and resamples each at
+    _SPACING_PER_SIGMA times its smallest Gaussian width.
+
+    `fill` is the fraction of the frame that _FIELD_OF_VIEW heart units span (the
+    detector's magnification); the tree's own extent does not change it.
+    """
     indices = [i for i, branch in enumerate(anatomy.branches) if branch.system == system]
     projected = {
         i: np.stack([anatomy.branches[i].points @ image_right,
@@ -389,7 +401,8 @@ def _project_centerlines(anatomy: Anatomy, system: str, image_right: np.ndarray,
     }
     everything = np.concatenate(list(projected.values()))
     low, high = everything.min(axis=0), everything.max(axis=0)
-    pixels_per_unit = fill * size / float(np.max(high - low))
+    # A fixed field of view, not a fit to this tree: a small non-dominant RCA stays small.
+    pixels_per_unit = fill * size / _FIELD_OF_VIEW
     centre = 0.5 * (low + high)
     depth_offsets = _branch_depth_offsets(anatomy)
     columns: dict[str, list[np.ndarray]] = {k: [] for k in

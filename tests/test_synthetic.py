@@ -167,6 +167,22 @@ def test_occlusion_stops_distal_contrast_and_collaterals_fill_faintly():
     assert open_late + 3 < collateral_late < cto_late - 3  # collaterals: faint, late filling
 
 
+@pytest.mark.parametrize("view", synthetic.RIGHT_VIEWS)
+def test_non_dominant_rca_looks_small(view):
+    """The field of view is fixed, so a left-dominant study's short RCA covers far fewer
+    pixels than a right-dominant one in the same view (a tree fitted to the frame
+    would hide the difference)."""
+
+    def vessel_pixels(dominance):
+        frames, _ = _render(reports.Findings({}, dominance), view, size=96, num_frames=24)
+        darkening = frames[0].astype(float) - frames[8:14].astype(float).mean(axis=0)
+        return int((darkening > 25).sum())  # before contrast minus while filled
+
+    right, left = vessel_pixels("right"), vessel_pixels("left")
+    assert right > 80
+    assert left < 0.6 * right
+
+
 def test_render_rejects_bad_arguments():
     findings = reports.Findings({}, "right")
     with pytest.raises(ValueError, match="view='AP'"):
@@ -320,3 +336,13 @@ def test_generate_rejects_bad_options(tmp_path):
         synthetic.generate(tmp_path, 1, 0, num_frames=(20, 10))
     with pytest.raises(ValueError, match="sep"):
         synthetic.generate(tmp_path, 1, 0, sep="ab")
+
+
+def test_cache_folder_changes_with_the_renderer_version(monkeypatch):
+    from input_pipeline import data_cache
+
+    options = dict(cache_dir="/cache", num_studies=4, size=64, num_frames=(8, 12), seed=0)
+    before = data_cache.synthetic_dir(options)
+    assert before.startswith("/cache/")
+    monkeypatch.setattr(synthetic, "RENDERER_VERSION", synthetic.RENDERER_VERSION + 1)
+    assert data_cache.synthetic_dir(options) != before
