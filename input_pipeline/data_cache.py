@@ -30,8 +30,8 @@ def synthetic_dir(options: Mapping[str, Any]) -> str:
     version are in the name, so a changed renderer never reuses an old set)."""
     low, high = options["num_frames"]
     name = (
-        f"synthetic-r{synthetic.RENDERER_VERSION}-n{options['num_studies']}-s{options['size']}-f{low}_{high}"
-        f"-seed{options['seed']}"
+        f"synthetic-r{synthetic.RENDERER_VERSION}-n{options['num_studies']}"
+        f"-s{options['size']}-f{low}_{high}-seed{options['seed']}"
     )
     return os.path.join(os.path.expanduser(options["cache_dir"]), name)
 

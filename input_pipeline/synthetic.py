@@ -401,7 +401,6 @@ def _project_centerlines(anatomy: Anatomy, system: str, image_right: np.ndarray,
     }
     everything = np.concatenate(list(projected.values()))
     low, high = everything.min(axis=0), everything.max(axis=0)
-    # A fixed field of view, not a fit to this tree: a small non-dominant RCA stays small.
     pixels_per_unit = fill * size / _FIELD_OF_VIEW
     centre = 0.5 * (low + high)
     depth_offsets = _branch_depth_offsets(anatomy)
