@@ -171,6 +171,52 @@ def factorized():
     )
 
 
+@pytest.fixture(scope="module")
+def conv_stem():
+    return build(vivit.ViViT(**SMALL, stem="conv", stem_features=(4, 8, 8)), seed=3)
+
+
+def np_conv_stem(params: dict, video: np.ndarray, patch_size, num_stages: int) -> np.ndarray:
+    """[B, T, H, W, C] -> [B, T', H', W', D]: the conv stem written out in NumPy."""
+    pt = patch_size[0]
+    groups = []
+    for start in range(0, video.shape[1], pt):
+        frames = video[:, start:start + pt]  # [B, pt, H, W, C]
+        groups.append(np.concatenate([frames[:, k] for k in range(pt)], axis=-1))
+    x = np.stack(groups, 1).astype(np.float64)  # [B, T', H, W, pt*C]
+    for i in range(num_stages):
+        for j in range(2):
+            layer = params[f"stage{i}_conv{j}"]
+            kernel = np.asarray(layer["kernel"], np.float64)  # [3, 3, Cin, Cout]
+            padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+            height, width = x.shape[2:4]
+            out = sum(padded[:, :, dy:dy + height, dx:dx + width] @ kernel[dy, dx]
+                      for dy in range(3) for dx in range(3))
+            x = np.maximum(out + np.asarray(layer["bias"]), 0.0)
+        b, t, height, width, c = x.shape
+        x = x.reshape(b, t, height // 2, 2, width // 2, 2, c).max(axis=(3, 5))
+    return x @ np.asarray(params["proj"]["kernel"]) + np.asarray(params["proj"]["bias"])
+
+
+def test_conv_stem_matches_numpy(conv_stem):
+    model, params, _ = conv_stem
+    video = make_video(20)
+    stem = vivit.ConvStem(model.hidden_size, model.patch_size, model.stem_features)
+    tokens = stem.apply({"params": params["conv_stem"]}, video)
+    assert tokens.shape == (2, *GRID, model.hidden_size)
+    expected = np_conv_stem(params["conv_stem"], video, model.patch_size, 3)
+    np.testing.assert_allclose(tokens, expected, rtol=1e-4, atol=1e-4)
+    # The stem replaces the linear embedding: its parameters, and nothing else, differ.
+    linear = jax.eval_shape(vivit.ViViT(**SMALL).init, jax.random.key(0), video)["params"]
+    assert set(params) - {"conv_stem"} == set(linear) - {"embedding"}
+    widths = (PATCH[0] * 1, 4, 8, 8)  # input channels pt*C, then each stage's width
+    expected_count = sum(
+        9 * c_in * c + c + 9 * c * c + c for c_in, c in zip(widths[:-1], widths[1:], strict=True)
+    )
+    expected_count += 8 * model.hidden_size + model.hidden_size  # the projection
+    assert sum(v.size for v in jax.tree.leaves(params["conv_stem"])) == expected_count
+
+
 def test_attention_matches_numpy_with_mask():
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(2, n, 3, 4)).astype(np.float32) for n in (5, 6, 6))
@@ -257,7 +303,7 @@ def test_positional_embeddings_resized_for_other_grid(joint):
     assert grids == [(4, 3, 5)] and all(type(n) is int for n in grids[0])
 
 
-@pytest.mark.parametrize("variant", ["joint", "factorized"])
+@pytest.mark.parametrize("variant", ["joint", "factorized", "conv_stem"])
 def test_masked_tubelets_never_influence_the_encoding(variant, request):
     model, params, apply = request.getfixturevalue(variant)
     video = make_video(6)
@@ -299,12 +345,16 @@ def test_study_padding_never_influences_valid_outputs():
     params = random_params(map_model, studies, video_mask=video_mask, seed=2)
     mean_model = vivit.ViViT(**SMALL, pool_type="mean")
     mean_params = {k: v for k, v in params.items() if k != "map_head"}
+    max_model = vivit.ViViT(**SMALL, pool_type="max")
 
     @functools.partial(jax.jit, static_argnums=0)
     def apply(model, params, studies, video_mask):
         return model.apply({"params": params}, studies, video_mask=video_mask)
 
-    for model, model_params in ((map_model, params), (mean_model, mean_params)):
+    pooled_by = {}
+    for model, model_params in (
+        (map_model, params), (mean_model, mean_params), (max_model, mean_params)
+    ):
         pooled, aux = apply(model, model_params, studies, video_mask)
         tokens, token_mask = np.asarray(aux["tokens"]), np.asarray(aux["token_mask"])
         assert tokens.shape == (2, 3 * 32, 32)
@@ -321,8 +371,14 @@ def test_study_padding_never_influences_valid_outputs():
         if model is map_model:
             without_padded, _ = apply(model, model_params, studies[:, :2], video_mask[:, :2])
             np.testing.assert_allclose(without_padded, pooled, atol=1e-5)
+        pooled_by[model.pool_type] = np.asarray(pooled)
     # Mean pooling: the mean over the valid videos' tokens (64 and 32 of them).
-    np.testing.assert_allclose(pooled, tokens.sum(1) / np.array([[64], [32]]), atol=1e-5)
+    np.testing.assert_allclose(
+        pooled_by["mean"], tokens.sum(1) / np.array([[64], [32]]), atol=1e-5
+    )
+    # Max pooling: the per-channel maximum over the same tokens.
+    np.testing.assert_allclose(pooled_by["max"][0], tokens[0, :64].max(0), atol=1e-6)
+    np.testing.assert_allclose(pooled_by["max"][1], tokens[1, :32].max(0), atol=1e-6)
 
 
 def count_params(tree: dict) -> int:
@@ -391,6 +447,10 @@ def test_bad_inputs_raise_clear_errors(joint):
         model.apply({"params": params}, video, keep_indices=np.zeros((3, 4), np.int32))
     with pytest.raises(ValueError, match="attention_type"):
         vivit.ViViT(**SMALL, attention_type="divided").apply({"params": params}, video)
+    with pytest.raises(ValueError, match="stem='cnn'"):
+        vivit.ViViT(**SMALL, stem="cnn").apply({"params": params}, video)
+    with pytest.raises(ValueError, match=r"stem_features=\(4, 8\) has 2 max-pool stages"):
+        vivit.ViViT(**SMALL, stem="conv", stem_features=(4, 8)).init(jax.random.key(0), video)
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         vivit.ViViT.from_size("huge")
     tiny = vivit.ViViT.from_size("tiny", num_frames=8)

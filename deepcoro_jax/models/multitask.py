@@ -589,14 +589,26 @@ def _encoder_flops(encoder: ViViT, grid: tuple[int, int, int], channels: int, nu
 
     The tubelet embedding runs on all tokens (it comes before the selection).
     """
-    t, h, w = grid
-    patch_values = math.prod(encoder.patch_size) * channels
-    flops = 2 * t * h * w * patch_values * encoder.hidden_size  # tubelet embedding
+    flops = _stem_flops(encoder, grid, channels)
+    t = grid[0]
     width, mlp_dim = encoder.hidden_size, encoder.mlp_dim
     if encoder.attention_type == "joint":
         return flops + encoder.depth * _block_flops(num_kept, width, mlp_dim)
     spatial = t * encoder.depth * _block_flops(num_kept // t, width, mlp_dim)
     return flops + spatial + encoder.temporal_depth * _block_flops(t, width, mlp_dim)
+
+
+def _stem_flops(encoder: ViViT, grid: tuple[int, int, int], channels: int) -> int:
+    """The tubelet embedding of one video: linear, or the conv stem on every pixel."""
+    t, h, w = grid
+    if encoder.stem == "linear":
+        return 2 * t * h * w * math.prod(encoder.patch_size) * channels * encoder.hidden_size
+    pt, ph, pw = encoder.patch_size
+    pixels, in_features, flops = h * ph * w * pw, pt * channels, 0
+    for features in encoder.stem_features:  # two 3x3 convolutions, then a 2x2 max pool
+        flops += 2 * pixels * 9 * (in_features * features + features * features)
+        pixels, in_features = pixels // 4, features
+    return t * (flops + 2 * pixels * in_features * encoder.hidden_size)  # + the projection
 
 
 def _pool_flops(encoder: ViViT, num_tokens: int) -> int:
