@@ -138,7 +138,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.init_bias = -10.0
     config.model.dropout = 0.0
     config.model.dtype = "float32"  # 'bfloat16' on accelerators
-    config.model.encoder_overrides = dict(attention_type="joint", pool_type="map", remat=False)
+    # stem='conv' embeds tubelets with a small CNN (vivit.ConvStem; 2**len(stem_features)
+    # must equal the patch's ph and pw); docs/training.md says when it is worth its cost
+    # and what it needs with it (pool_type='max', a lower lr).
+    config.model.encoder_overrides = dict(
+        attention_type="joint", pool_type="map", stem="linear", stem_features=(16, 32, 64, 64),
+        remat=False,
+    )
     config.model.caption_decoder_overrides = dict(parallel_fraction=0.0)
     # Report embedding: the mean of the text tower's token states. A from-scratch
     # tower's [CLS] state is nearly the same for every report at init (cosine
