@@ -513,6 +513,10 @@ def test_bad_configuration_and_inputs_raise_clear_errors(model, params):
         build(caption_decoder_size="huge")
     with pytest.raises(ValueError, match="encoder_overrides.*depht"):
         build(encoder_overrides={"depht": 3})
+    # A config read back from JSON holds lists; the model must stay hashable for jit.
+    from_json = build(encoder_overrides={"stem": "conv", "stem_features": [4, 8, 8]})
+    assert from_json.encoder.stem_features == (4, 8, 8)
+    hash(from_json)
     with pytest.raises(ValueError, match="text_size or text_hf_config"):
         build(text_size="mu", text_hf_config="/nonexistent")
     with pytest.raises(FileNotFoundError, match="config"):

@@ -345,9 +345,14 @@ def _sized(sizes: Mapping[str, tuple[int, ...]], size: str, component: str) -> t
 
 
 def _replace(obj: Any, overrides: Mapping[str, Any], argument: str) -> Any:
-    """dataclasses.replace with an error naming the override argument and the bad key."""
+    """dataclasses.replace with an error naming the override argument and the bad key.
+
+    Lists become tuples: a config read back from JSON holds lists, and module
+    attributes must be hashable (modules are static arguments of jit).
+    """
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     try:
-        return dataclasses.replace(obj, **dict(overrides))
+        return dataclasses.replace(obj, **overrides)
     except TypeError as e:
         fields = sorted(f.name for f in dataclasses.fields(obj) if f.name not in ("parent", "name"))
         raise ValueError(f"make_model: {argument} has an unknown key ({e}); known: {fields}") from e
