@@ -465,7 +465,11 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> int:
         ({}, False, True),
         ({}, False, False),
         ({"contrastive_tokens": "masked", "mask_type": "random"}, True, True),
-        ({"encoder_overrides": {"stem": "conv", "stem_features": (4, 8, 8)}}, False, True),
+        (
+            {"encoder_overrides": {"stem": "conv", "stem_features": (4, 8, 8), "pool_type": "max"}},
+            False,
+            True,
+        ),
         (
             {
                 "contrastive_tokens": "masked",

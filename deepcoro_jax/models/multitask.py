@@ -617,7 +617,7 @@ def _stem_flops(encoder: ViViT, grid: tuple[int, int, int], channels: int) -> in
 
 
 def _pool_flops(encoder: ViViT, num_tokens: int) -> int:
-    if encoder.pool_type == "mean":
+    if encoder.pool_type != "map":  # mean and max pooling have no matmuls
         return 0
     width = encoder.hidden_size
     return _attention_flops(1, num_tokens, width, width) + 2 * width * encoder.mlp_dim * 2
