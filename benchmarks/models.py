@@ -12,6 +12,10 @@ shapes of ``init``), since only speed is measured. Parts (``--parts``):
   masking  the ViViT encoder's forward+backward with 90% tube masking vs on
            all tokens, same size and input: ``masked_vs_full_encoder_cost``
            (ratio of times, target <= 0.2).
+  stem     the ViViT encoder's forward+backward (all tokens) with the linear
+           tubelet embedding vs the convolutional stem (``stem='conv'``,
+           ``--stem_features``), same size and input as 'masking':
+           ``conv_vs_linear_stem_encoder_cost`` (ratio of times).
   decode   greedy decoding of 128 tokens on the KV cache (``decode.greedy``)
            vs recomputing the whole prefix every step
            (``decode.greedy_uncached``), with the reference decoder's size
@@ -26,7 +30,7 @@ shapes of ``init``), since only speed is measured. Parts (``--parts``):
 
 Usage (CPU)::
 
-    python -m benchmarks.models --parts step,masking,decode,flops --sizes tiny,small
+    python -m benchmarks.models --parts step,masking,stem,decode,flops --sizes tiny,small
 
 Not here: input-pipeline and multi-device throughput.
 """
@@ -49,7 +53,7 @@ from deepcoro_jax.models.locca import CaptionDecoder
 from deepcoro_jax.models.mvm import tube_mask, tubelet_grid
 from deepcoro_jax.models.vivit import ViViT
 
-PARTS = ("step", "masking", "decode", "flops")
+PARTS = ("step", "masking", "stem", "decode", "flops")
 VOCAB = 30522  # BERT / PubMedBERT WordPiece
 PYTORCH_REFERENCE_TOKENS_PER_S = 15.8  # the reference decoder on the 2-core CPU machine
 
@@ -173,6 +177,33 @@ def bench_masking(args: argparse.Namespace) -> None:
     emit(f"masked_encoder_visible_tokens_{shape}", keep.shape[1] / math.prod(grid), "fraction")
 
 
+def bench_stem(args: argparse.Namespace) -> None:
+    size = args.masking_size
+    shape = f"{args.frames}x{args.image_size}x{args.image_size}"
+    video = recipe_batch(args.batch_size, args.frames, args.image_size, 1, 1)["video"]
+    times = {}
+    for stem in ("linear", "conv"):
+        encoder = ViViT.from_size(
+            size,
+            num_frames=args.frames,
+            image_size=args.image_size,
+            stem=stem,
+            stem_features=args.stem_features,
+        )
+        shapes = jax.eval_shape(encoder.init, jax.random.key(0), video)["params"]
+        params = random_like(shapes, seed=1)
+
+        def loss_fn(params, video, encoder=encoder):
+            pooled, aux = encoder.apply({"params": params}, video)
+            return jnp.mean(jnp.square(aux["tokens"])) + jnp.mean(jnp.square(pooled))
+
+        compiled = jax.jit(jax.grad(loss_fn)).lower(params, video).compile()
+        times[stem] = time_compiled(compiled, (params, video), args.warmup, args.iters)
+        name = f"encoder_fwd_bwd_{stem}_stem_{size}_b{args.batch_size}_{shape}"
+        emit(name, times[stem], "s/step")
+    emit("conv_vs_linear_stem_encoder_cost", times["conv"] / times["linear"], "x")
+
+
 def bench_decode(args: argparse.Namespace) -> None:
     batch_size, memory_tokens, width, new_tokens = 8, 393, 512, args.decode_tokens
     decoder = CaptionDecoder(
@@ -243,7 +274,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
     parser.add_argument("--sizes", default="tiny,small", help="model sizes for 'step'")
-    parser.add_argument("--masking_size", default="small", help="encoder size for 'masking'")
+    parser.add_argument(
+        "--masking_size", default="small", help="encoder size for 'masking' and 'stem'"
+    )
+    parser.add_argument(
+        "--stem_features", default="16,32,64,64", help="the conv stem's stage widths for 'stem'"
+    )
     parser.add_argument(
         "--flops_sizes", default="mu,tiny,small,base,large", help="model sizes for 'flops'"
     )
@@ -265,10 +301,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--parts: unknown {unknown}; choose from {PARTS}")
     args.sizes = args.sizes.split(",")
     args.flops_sizes = args.flops_sizes.split(",")
+    args.stem_features = tuple(int(f) for f in args.stem_features.split(","))
     emit(f"devices_{jax.devices()[0].platform}", jax.device_count(), "devices")
     benches = {
         "step": bench_step,
         "masking": bench_masking,
+        "stem": bench_stem,
         "decode": bench_decode,
         "flops": bench_flops,
     }
