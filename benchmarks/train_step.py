@@ -89,6 +89,7 @@ def benchmark_config(
     dtype: str,
     contrastive_tokens: str,
     mvm: bool,
+    stem: str = "linear",
 ) -> ml_collections.ConfigDict:
     """The recipe (configs/multitask.py) at this size and input, with or without MVM."""
     config = multitask_config.get_config(f"size={size}")
@@ -97,6 +98,7 @@ def benchmark_config(
     config.model.image_size = image_size
     config.model.dtype = dtype
     config.model.contrastive_tokens = contrastive_tokens
+    config.model.encoder_overrides.stem = stem
     config.loss.weights.mvm = 1.0 if mvm else 0.0
     return config
 
@@ -249,7 +251,8 @@ def run(args: argparse.Namespace) -> None:
     variants = [args.only] if args.only else list(VARIANTS)
     print(
         f"# jax {jax.__version__}, {jax.device_count()} x {device.device_kind}; {options}, "
-        f"contrastive_tokens={args.contrastive_tokens}, vocab_size={args.vocab_size}",
+        f"contrastive_tokens={args.contrastive_tokens}, stem={args.stem}, "
+        f"vocab_size={args.vocab_size}",
         file=sys.stderr,
         flush=True,
     )
@@ -270,6 +273,7 @@ def run(args: argparse.Namespace) -> None:
             options["dtype"],
             args.contrastive_tokens,
             mvm=name == "mvm",
+            stem=args.stem,
         )
         for name in variants
     }
@@ -346,6 +350,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=multitask.CONTRASTIVE_TOKENS,
         default="full",
         help="what the contrastive and caption heads see with MVM (model.contrastive_tokens)",
+    )
+    parser.add_argument(
+        "--stem",
+        choices=("linear", "conv"),
+        default="linear",
+        help="the encoder's tubelet embedding (model.encoder_overrides.stem)",
     )
     parser.add_argument(
         "--vocab_size", type=int, default=1000, help="caption tokenizer vocabulary size"
