@@ -248,6 +248,25 @@ def alignment(video_emb: np.ndarray, text_emb: np.ndarray) -> float:
     return float(np.mean(cosines))
 
 
+def mean_pairwise_cosine(emb: np.ndarray) -> float:
+    """Mean cosine similarity over all pairs of distinct rows of `emb` [N, D], N >= 2.
+
+    A collapse check: 1 when every row points the same way (the embedding ignores
+    its input), near 0 for directions spread over the sphere.
+    """
+    emb = np.asarray(emb, np.float64)
+    if emb.ndim != 2 or len(emb) < 2:
+        raise ValueError(f"emb {emb.shape} must be an [N, D] matrix with N >= 2")
+    norms = np.linalg.norm(emb, axis=1)
+    if not np.all(norms > 0):
+        raise ValueError(f"emb has a zero row (row {int(np.argmin(norms))}): "
+                         "cosine similarity is undefined")
+    unit = emb / norms[:, None]
+    total = unit.sum(axis=0)
+    n = len(unit)
+    return float((total @ total - n) / (n * (n - 1)))  # the Gram matrix's sum minus its diagonal
+
+
 def chance_recall(num_relevant: np.ndarray, num_candidates: int, k: int) -> float:
     """The expected Recall@K of a uniformly random ranking, averaged over queries.
 
@@ -277,7 +296,9 @@ class Evaluator:
     ``t2v_``: everything ``retrieval_metrics`` returns, plus for video->report
     the Recall@K per stratum of the study's most severe finding and the Recall@K
     a random ranking would get (``v2t_chance_recall@K``); ``alignment`` is the
-    mean cosine of true pairs.
+    mean cosine of true pairs; ``query_mean_cosine`` and ``report_mean_cosine``
+    the mean cosine between distinct queries and between distinct candidates
+    (near 1: the embedding has collapsed and ignores its input).
     """
 
     HEADLINE = ("v2t_recall@1", "v2t_recall@5", "v2t_chance_recall@5", "t2v_recall@5", "alignment")
@@ -342,5 +363,8 @@ class Evaluator:
                 v2t_relevant.sum(axis=1), len(candidates), k
             )
         metrics["alignment"] = alignment(query_emb, text_emb[report_index])
+        for key, emb in (("query_mean_cosine", query_emb), ("report_mean_cosine", text_emb)):
+            if len(emb) > 1:
+                metrics[key] = mean_pairwise_cosine(emb)
         metrics["num_candidates"] = float(len(candidates))
         return metrics

@@ -62,6 +62,11 @@ def test_metrics_equal_an_independent_computation(results, synthetic_data):
     np.testing.assert_allclose(metrics["v2t_chance_recall@1"], 1 / len(texts), rtol=1e-6)
     cosines = np.sum(out["video_emb"] * text_emb[truth], axis=1)
     np.testing.assert_allclose(metrics["alignment"], cosines.mean(), rtol=1e-5)
+    for key, emb in (("query_mean_cosine", out["video_emb"]), ("report_mean_cosine", text_emb)):
+        unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        gram = unit @ unit.T
+        off_diagonal = gram[~np.eye(len(gram), dtype=bool)]
+        np.testing.assert_allclose(metrics[key], off_diagonal.mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_study_level_pools_each_study_once(results, synthetic_data):
@@ -89,3 +94,19 @@ def test_a_bad_level_or_batch_size_names_the_key(synthetic_data, tmp_path):
         retrieval.Evaluator(ctx, name="r", level="frame")
     with pytest.raises(ValueError, match="config.evals.r.batch_size"):
         retrieval.Evaluator(ctx, name="r", batch_size=jax.device_count() + 1)
+
+
+def test_mean_pairwise_cosine_known_cases():
+    same = np.tile([[3.0, 4.0, 0.0]], (5, 1)) * np.arange(1, 6)[:, None]  # one direction, any norm
+    assert retrieval.mean_pairwise_cosine(same) == pytest.approx(1.0)
+    assert retrieval.mean_pairwise_cosine(np.eye(4)) == pytest.approx(0.0, abs=1e-12)
+    opposite = np.array([[1.0, 2.0], [-2.0, -4.0]])
+    assert retrieval.mean_pairwise_cosine(opposite) == pytest.approx(-1.0)
+    # Three unit vectors 120 degrees apart: every pair has cosine -1/2.
+    angles = np.array([0.0, 2.0, 4.0]) * np.pi / 3
+    star = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    assert retrieval.mean_pairwise_cosine(star) == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="N >= 2"):
+        retrieval.mean_pairwise_cosine(np.ones((1, 3)))
+    with pytest.raises(ValueError, match="zero row"):
+        retrieval.mean_pairwise_cosine(np.array([[1.0, 0.0], [0.0, 0.0]]))
