@@ -231,6 +231,15 @@ def stratified_recall(sim: np.ndarray, relevant: np.ndarray, strata_per_query: S
     return metrics
 
 
+def _unit_rows(emb: np.ndarray, name: str) -> np.ndarray:
+    """`emb` [N, D] with each row scaled to unit length (float64); a zero row is a ValueError."""
+    norms = np.linalg.norm(emb, axis=1)  # [N]
+    if not np.all(norms > 0):
+        raise ValueError(f"{name} has a zero row (row {int(np.argmin(norms))}): "
+                         "cosine similarity is undefined")
+    return np.asarray(emb, np.float64) / norms[:, None]
+
+
 def alignment(video_emb: np.ndarray, text_emb: np.ndarray) -> float:
     """Mean cosine similarity of true pairs: row i of video_emb with row i of text_emb."""
     video_emb = np.asarray(video_emb, np.float64)
@@ -238,13 +247,7 @@ def alignment(video_emb: np.ndarray, text_emb: np.ndarray) -> float:
     if video_emb.ndim != 2 or video_emb.shape != text_emb.shape or not len(video_emb):
         raise ValueError(f"video_emb {video_emb.shape} and text_emb {text_emb.shape} must be "
                          "non-empty [N, D] matrices of the same shape")
-    norms = {}
-    for name, emb in (("video_emb", video_emb), ("text_emb", text_emb)):
-        norms[name] = np.linalg.norm(emb, axis=1)  # [N]
-        if not np.all(norms[name] > 0):
-            raise ValueError(f"{name} has a zero row (row {int(np.argmin(norms[name]))}): "
-                             "cosine similarity is undefined")
-    cosines = np.sum(video_emb * text_emb, axis=1) / (norms["video_emb"] * norms["text_emb"])
+    cosines = np.sum(_unit_rows(video_emb, "video_emb") * _unit_rows(text_emb, "text_emb"), axis=1)
     return float(np.mean(cosines))
 
 
@@ -257,13 +260,8 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
     emb = np.asarray(emb, np.float64)
     if emb.ndim != 2 or len(emb) < 2:
         raise ValueError(f"emb {emb.shape} must be an [N, D] matrix with N >= 2")
-    norms = np.linalg.norm(emb, axis=1)
-    if not np.all(norms > 0):
-        raise ValueError(f"emb has a zero row (row {int(np.argmin(norms))}): "
-                         "cosine similarity is undefined")
-    unit = emb / norms[:, None]
-    total = unit.sum(axis=0)
-    n = len(unit)
+    total = _unit_rows(emb, "emb").sum(axis=0)
+    n = len(emb)
     return float((total @ total - n) / (n * (n - 1)))  # the Gram matrix's sum minus its diagonal
 
 

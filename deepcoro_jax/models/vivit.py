@@ -131,7 +131,7 @@ class ConvStem(nn.Module):
                             name=f"stage{i}_conv{j}")(x)
                 x = nn.relu(x)
             # 2x2 max pool as a reshape and max: its gradient is a compare, where
-            # nn.max_pool's select-and-scatter makes the stem a quarter slower on CPU.
+            # nn.max_pool's select-and-scatter makes the stem a fifth slower on CPU.
             n, h, w, c = x.shape
             x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
         x = nn.Dense(self.hidden_size, dtype=self.dtype, name="proj")(x)  # [B*T', H', W', D]
