@@ -13,7 +13,8 @@ One example is one video:
 
     frames          [T, size, size, 1] uint8, each frame a PNG (lossless) or JPEG
     num_frames      int32, T
-    fps             float32, frames per second of the source (0 when unknown)
+    fps             float32, frames per second: prepare's --fps, else the source's
+                    (0 when unknown)
     report          the study's report text
     study_id        StudyInstanceUID (or the file path when the manifest has none)
     path            the video's path as written in the manifest
@@ -64,6 +65,7 @@ class DatasetMeta:
     # do the same (datasets written before these were recorded read as the defaults).
     max_frames: int | None = None  # prepare's --max_frames: only the first N frames kept
     jpeg_quality: int = 95  # for frame_format 'jpeg'
+    fps: float | None = None  # prepare's --fps: every video resampled to this rate
 
     def __post_init__(self):
         if self.frame_format not in FRAME_FORMATS:
@@ -198,13 +200,12 @@ def write_metadata(
 
 
 def load_meta(data_dir: str) -> DatasetMeta:
-    path = os.path.join(data_dir, META_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(data_dir) / META_FILE  # a local folder or a URL (gs://...)
+    if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {data_dir} is not a prepared dataset (run input_pipeline.prepare)"
         )
-    with open(path) as f:
-        return DatasetMeta.from_json(json.load(f))
+    return DatasetMeta.from_json(json.loads(path.read_text()))
 
 
 def tokenizer_spec(data_dir: str) -> str:
@@ -214,7 +215,7 @@ def tokenizer_spec(data_dir: str) -> str:
         raise ValueError(f"the dataset at {data_dir} stores no tokenizer; give one in the config")
     if ":" in meta.tokenizer or os.path.isabs(meta.tokenizer):
         return meta.tokenizer
-    return "sp:" + os.path.join(data_dir, meta.tokenizer)
+    return f"sp:{epath.Path(data_dir) / meta.tokenizer}"
 
 
 def builder(data_dir: str) -> tfds.core.DatasetBuilder:
@@ -223,6 +224,11 @@ def builder(data_dir: str) -> tfds.core.DatasetBuilder:
 
 def num_examples(data_dir: str, split: str) -> int:
     return builder(data_dir).info.splits[split].num_examples
+
+
+def split_names(data_dir: str) -> list[str]:
+    """The splits a prepared dataset holds (prepare writes no empty split), sorted."""
+    return sorted(builder(data_dir).info.splits.keys())
 
 
 def read_split(

@@ -7,22 +7,35 @@ that is the training pipeline's job.
 
 What `load_video` returns, for every format:
 
-- every frame of the source, in order, none resampled in time; with
-  `max_frames` only the first `max_frames` frames are kept (and decoded);
+- every frame of the source, in order; with `fps`, resampled in time to that
+  rate by `resample_frames` (a video whose rate is unknown is then an error);
+  with `max_frames` only the first `max_frames` frames are kept (without `fps`
+  only those are decoded);
 - each frame center-cropped to a square (the shorter side) and resized to
   `size` x `size` with PIL's bilinear filter, which PIL antialiases when
   shrinking (its support widens with the scale factor); a square source of
   side `size` is passed through unchanged;
 - 8-bit grayscale. DICOM: the modality LUT (rescale) is applied, then the VOI
   LUT or window center/width when the file has one, mapped onto 0..255;
-  without one, 8-bit data is kept as is and wider data is min-max scaled over
-  the whole video; MONOCHROME1 is inverted so that vessels are dark as in
-  MONOCHROME2; RGB and YBR_* frames are converted to luma (ITU-R 601).
-  AVI/MP4 are decoded by FFmpeg (PyAV) straight to gray. `.npy` arrays must
-  be uint8 [T, H, W] or [T, H, W, C] with C in (1, 3);
-- the source frame rate in frames per second: DICOM CineRate, else
-  RecommendedDisplayFrameRate, else 1000 / FrameTime; the container's average
-  rate for AVI/MP4; 0.0 when unknown (always for .npy).
+  without one, the range the stored bits can hold (0..2**BitsStored - 1, or
+  -2**(BitsStored - 1)..2**(BitsStored - 1) - 1 when PixelRepresentation is 1,
+  taken through the modality LUT) is mapped linearly onto 0..255 and rounded
+  to the nearest integer (so 8-bit data is kept as is); MONOCHROME1 is
+  inverted so that vessels are dark as in MONOCHROME2; RGB and YBR_* frames
+  are converted to luma (ITU-R 601). Every frame of a multi-frame DICOM is
+  kept. AVI/MP4 are decoded by FFmpeg (PyAV) straight to gray. `.npy` arrays
+  must be uint8 [T, H, W] or [T, H, W, C] with C in (1, 3);
+- the frame rate in frames per second: `fps` when given, else the source's:
+  DICOM CineRate, else RecommendedDisplayFrameRate, else 1000 / FrameTime,
+  else 1000 / the mean of FrameTimeVector's entries after the first (which is
+  0); the container's average rate for AVI/MP4; 0.0 when unknown (always for
+  .npy).
+
+DICOM transfer syntaxes (pydicom with the pylibjpeg plugins): implicit and
+explicit VR little endian, deflated explicit VR little endian, explicit VR big
+endian, JPEG baseline and extended, JPEG Lossless Process 14 (with or without
+Selection Value 1, what cath labs mostly write), JPEG-LS lossless and
+near-lossless, JPEG 2000 (lossless and lossy) and RLE lossless.
 
 Any problem raises `VideoError`, whose message starts with one of the `ERROR_KINDS`
 and says what to fix.
@@ -32,12 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 
 import av
 import numpy as np
 import pydicom
 import pydicom.errors
+import pydicom.multival
 import pydicom.pixels
 from PIL import Image
 
@@ -48,6 +63,7 @@ ZERO_FRAMES = "zero frames"
 UNDECODABLE_DICOM = "undecodable DICOM"
 NOT_A_VIDEO = "not a video"
 UNSUPPORTED_EXTENSION = "unsupported extension"
+UNKNOWN_FRAME_RATE = "unknown frame rate"
 ERROR_KINDS = (
     MISSING_FILE,
     ZERO_BYTE_FILE,
@@ -56,6 +72,7 @@ ERROR_KINDS = (
     UNDECODABLE_DICOM,
     NOT_A_VIDEO,
     UNSUPPORTED_EXTENSION,
+    UNKNOWN_FRAME_RATE,
 )
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -67,6 +84,7 @@ _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _ISO_BMFF_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's convert("L")
+_FRAME_TOLERANCE = 0.01  # in frames, for `resample_frames`
 
 
 class VideoError(Exception):
@@ -83,23 +101,28 @@ class VideoError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class DecodedVideo:
-    """Frames uint8 [T, size, size]; fps of the source (0.0 when unknown); source (H, W)."""
+    """Frames uint8 [T, size, size]; their fps (0.0 when unknown); the source's (H, W)."""
 
     frames: np.ndarray
     fps: float
     source_shape: tuple[int, int]
 
 
-def load_video(path: str, size: int, max_frames: int | None = None) -> DecodedVideo:
+def load_video(
+    path: str, size: int, max_frames: int | None = None, fps: float | None = None
+) -> DecodedVideo:
     """Decodes the video at `path` as described in the module docstring.
 
-    Raises `VideoError` for a file that cannot be used and ValueError for a bad
-    `size` or `max_frames`.
+    With `fps` the frames are resampled to that rate and `max_frames` counts
+    the resampled frames. Raises `VideoError` for a file that cannot be used
+    and ValueError for a bad `size`, `max_frames` or `fps`.
     """
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be None or at least 1, got {max_frames}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be None or a positive frame rate, got {fps}")
     if not os.path.exists(path):
         raise VideoError(MISSING_FILE, f"{path} does not exist")
     if os.path.isdir(path):
@@ -113,12 +136,13 @@ def load_video(path: str, size: int, max_frames: int | None = None) -> DecodedVi
         raise VideoError(UNREADABLE_VIDEO, f"{path} cannot be opened: {e.strerror}") from e
 
     extension = os.path.splitext(path)[1].lower()
+    decoded_frames = max_frames if fps is None else None
     if extension in DICOM_EXTENSIONS or (extension == "" and header[128:132] == b"DICM"):
-        frames, fps = _read_dicom(path, max_frames)
+        frames, source_fps = _read_dicom(path, decoded_frames)
     elif extension in CONTAINER_EXTENSIONS:
-        frames, fps = _read_container(path, header, max_frames)
+        frames, source_fps = _read_container(path, header, decoded_frames)
     elif extension in NPY_EXTENSIONS:
-        frames, fps = _read_npy(path, header, max_frames)
+        frames, source_fps = _read_npy(path, header, decoded_frames)
     else:
         raise VideoError(
             UNSUPPORTED_EXTENSION,
@@ -130,8 +154,40 @@ def load_video(path: str, size: int, max_frames: int | None = None) -> DecodedVi
     height, width = frames[0].shape
     if height == 0 or width == 0:
         raise VideoError(NOT_A_VIDEO, f"{path} has empty frames of shape {frames[0].shape}")
+    if fps is not None:
+        if source_fps == 0.0:
+            raise VideoError(
+                UNKNOWN_FRAME_RATE,
+                f"{path} does not give its frame rate (DICOM CineRate, "
+                "RecommendedDisplayFrameRate, FrameTime or FrameTimeVector; the AVI/MP4 "
+                f"stream's rate; never for .npy), so it cannot be resampled to {fps} fps",
+            )
+        frames = resample_frames(frames, source_fps, fps)[:max_frames]
+        source_fps = fps
     square = np.stack([_crop_and_resize(frame, size) for frame in frames])  # [T, size, size]
-    return DecodedVideo(frames=square, fps=fps, source_shape=(height, width))
+    return DecodedVideo(frames=square, fps=source_fps, source_shape=(height, width))
+
+
+def resample_frames(frames: np.ndarray, source_fps: float, target_fps: float) -> np.ndarray:
+    """Frames [T, ...] at `source_fps` -> the same span of time at `target_fps`.
+
+    Source frame i is on display from i / source_fps until the next one starts,
+    so the video lasts T / source_fps seconds. Output frame k is the source
+    frame on display at t = k / target_fps, i.e. floor(k * source_fps /
+    target_fps), for every t within the video: ceil(T * target_fps /
+    source_fps) frames. Frames are repeated or dropped, never blended: 15 -> 30
+    fps shows each frame twice, 30 -> 15 keeps frames 0, 2, 4, ... Both
+    quotients are taken with a tolerance of 0.01 frame, so that a rate read from
+    a rounded FrameTime (1000 / 33.333 ms) resamples a cine of a few hundred
+    frames like the exact rate.
+    """
+    if not (source_fps > 0 and target_fps > 0):
+        raise ValueError(f"frame rates must be positive, got {source_fps} -> {target_fps}")
+    num_frames = len(frames)
+    ratio = source_fps / target_fps
+    num_out = max(1, math.ceil(num_frames / ratio - _FRAME_TOLERANCE))
+    indices = np.floor(np.arange(num_out) * ratio + _FRAME_TOLERANCE).astype(np.int64)
+    return frames[np.minimum(indices, num_frames - 1)]
 
 
 def _crop_and_resize(frame: np.ndarray, size: int) -> np.ndarray:
@@ -207,34 +263,52 @@ def _read_dicom(path: str, max_frames: int | None) -> tuple[np.ndarray, float]:
     num_kept = num_frames if max_frames is None else min(num_frames, max_frames)
     if num_kept == 0:
         raise VideoError(ZERO_FRAMES, f"{path} holds no frames (NumberOfFrames is 0)")
-    try:
-        raw = np.stack(list(pydicom.pixels.iter_pixels(ds, indices=range(num_kept))))
-    except Exception as e:  # pydicom and its plugins raise many types for broken pixel data
-        raise VideoError(
-            UNDECODABLE_DICOM, f"{path}: pixel data ({syntax_name}) cannot be decoded: {e}"
-        ) from e
-    try:
-        gray = _dicom_to_gray(raw, ds, photometric)
-    except (ValueError, TypeError, AttributeError, IndexError) as e:
-        raise VideoError(
-            UNDECODABLE_DICOM, f"{path}: invalid pixel module or modality/VOI LUT attributes: {e}"
-        ) from e
-    return gray, _dicom_fps(ds)
+    # Frame by frame: a 12-bit cine of 1024 x 1024 frames would need gigabytes as float64.
+    gray = []
+    pixels = pydicom.pixels.iter_pixels(ds, indices=range(num_kept))
+    for index in range(num_kept):
+        try:
+            raw = next(pixels)
+        except Exception as e:  # pydicom and its plugins raise many types for broken pixel data
+            raise VideoError(
+                UNDECODABLE_DICOM,
+                f"{path}: pixel data ({syntax_name}) of frame {index} cannot be decoded: {e}",
+            ) from e
+        try:
+            gray.append(_dicom_to_gray(raw, ds, photometric))
+        except (ValueError, TypeError, AttributeError, IndexError) as e:
+            raise VideoError(
+                UNDECODABLE_DICOM,
+                f"{path}: invalid pixel module or modality/VOI LUT attributes: {e}",
+            ) from e
+    return np.stack(gray), _dicom_fps(ds)
 
 
 def _dicom_to_gray(raw: np.ndarray, ds: pydicom.Dataset, photometric: str) -> np.ndarray:
-    """Decoded DICOM frames [T, H, W] or [T, H, W, 3] -> uint8 [T, H, W] for display."""
+    """Decoded DICOM pixels [..., H, W] or [..., H, W, 3] -> uint8 [..., H, W] for display."""
     if photometric in _COLOR:  # pydicom has converted YBR_* to RGB while decoding.
         return _rgb_to_gray(raw, 255.0 if raw.dtype == np.uint8 else 2.0**ds.BitsStored - 1)
     values = pydicom.pixels.apply_modality_lut(raw, ds)
     voi_range = _voi_output_range(ds)
     if voi_range is not None:
         gray = _scale_to_uint8(pydicom.pixels.apply_voi_lut(values, ds), *voi_range)
-    elif ds.BitsStored <= 8 and values.min() >= 0 and values.max() <= 255:
-        gray = np.rint(values).astype(np.uint8)
     else:
-        gray = _scale_to_uint8(values, float(values.min()), float(values.max()))
+        gray = _scale_to_uint8(values, *_stored_output_range(ds))
     return 255 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _stored_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The range of values the stored bits can hold, after the modality LUT or rescale."""
+    modality_luts = ds.get("ModalityLUTSequence")
+    if modality_luts:
+        return 0.0, 2.0 ** int(modality_luts[0].LUTDescriptor[2]) - 1
+    bits = int(ds.BitsStored)
+    if ds.get("PixelRepresentation", 0) == 1:
+        stored = np.array([-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1])
+    else:
+        stored = np.array([0.0, 2.0**bits - 1])
+    ends = pydicom.pixels.apply_modality_lut(stored, ds)  # a negative slope swaps them
+    return float(ends.min()), float(ends.max())
 
 
 def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
@@ -250,7 +324,12 @@ def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
 
 
 def _dicom_fps(ds: pydicom.Dataset) -> float:
-    """CineRate, else RecommendedDisplayFrameRate, else 1000 / FrameTime (ms); 0.0 if none."""
+    """The frame rate a DICOM gives, 0.0 if none.
+
+    CineRate, else RecommendedDisplayFrameRate, else 1000 / FrameTime, else 1000
+    / the mean of FrameTimeVector's entries after the first (each entry is the
+    time in ms since the previous frame, so the first is 0).
+    """
     for keyword, to_fps in (
         ("CineRate", float),
         ("RecommendedDisplayFrameRate", float),
@@ -262,6 +341,14 @@ def _dicom_fps(ds: pydicom.Dataset) -> float:
             continue
         if value > 0:
             return to_fps(value)
+    vector = ds.get("FrameTimeVector")
+    if isinstance(vector, pydicom.multival.MultiValue) and len(vector) > 1:
+        try:
+            mean_interval = float(np.mean([float(ms) for ms in vector[1:]]))
+        except (TypeError, ValueError):
+            return 0.0
+        if mean_interval > 0:
+            return 1000.0 / mean_interval
     return 0.0
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    MPEG4HP41,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLSLossless,
@@ -46,8 +47,8 @@ def write_dicom(path, frames, kind, **attributes):
 
     kind: 'mono2' (uint8 [T, H, W]), 'mono1_16' (uint16, 12 bits stored), 'rgb'
     ([T, H, W, 3]), 'jpeg' (uint8, JPEG baseline per frame, returns the JPEG
-    bytes too), 'rle' (uint8, RLE lossless), 'jpegls' (a transfer syntax that
-    needs a plugin that is not installed).
+    bytes too), 'rle' (uint8, RLE lossless), 'jpegls' (JPEG-LS frames that are
+    not valid codestreams).
     """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
@@ -87,8 +88,8 @@ def write_dicom(path, frames, kind, **attributes):
     return str(path), jpeg_frames
 
 
-def _noise(shape, seed=0, high=256, dtype=np.uint8):
-    return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
+def _noise(shape, seed=0, high=256, dtype=np.uint8, low=0):
+    return np.random.default_rng(seed).integers(low, high, shape, dtype=dtype)
 
 
 def _luma(rgb):
@@ -142,16 +143,35 @@ def test_dicom_monochrome1_16bit_window_is_applied_and_inverted(tmp_path):
     assert video.fps == pytest.approx(30.0)
 
 
-def test_dicom_16bit_without_window_is_min_max_scaled(tmp_path):
-    values = _noise((3, 16, 16), high=4096, dtype=np.uint16)
+def test_dicom_12bit_without_window_maps_the_stored_bit_range(tmp_path):
+    values = _noise((3, 16, 16), low=1000, high=3000, dtype=np.uint16)  # not the full range
+    values[0, 0, :3] = 0, 2048, 4095
     path, _ = write_dicom(
         tmp_path / "a.dcm", values, "mono1_16", PhotometricInterpretation="MONOCHROME2"
     )
     video = video_io.load_video(path, 16)
-    low, high = values.min(), values.max()
-    expected = np.rint((values - low) * 255.0 / (high - low)).astype(np.uint8)
-    np.testing.assert_array_equal(video.frames, expected)
+    assert video.frames[0, 0, :3].tolist() == [0, 128, 255]  # 2048 * 255 / 4095 = 127.53
+    np.testing.assert_array_equal(video.frames, np.rint(values * (255 / 4095)).astype(np.uint8))
     assert video.fps == 0.0
+
+    signed = values.astype(np.int16) - 2048  # PixelRepresentation 1: -2048..2047
+    path, _ = write_dicom(
+        tmp_path / "s.dcm", signed, "mono1_16", PhotometricInterpretation="MONOCHROME2"
+    )
+    assert pydicom.dcmread(path).PixelRepresentation == 1
+    video = video_io.load_video(path, 16)
+    assert video.frames[0, 0, :3].tolist() == [0, 128, 255]
+    np.testing.assert_array_equal(
+        video.frames, np.rint((signed + 2048) * (255 / 4095)).astype(np.uint8)
+    )
+
+
+def test_dicom_frame_rate_from_frame_time_vector(tmp_path):
+    intervals = [0, 66.7, 66.6, 66.7]  # ms since the previous frame; the first is 0
+    path, _ = write_dicom(tmp_path / "a.dcm", _noise((4, 8, 8)), "mono2", FrameTimeVector=intervals)
+    assert video_io.load_video(path, 8).fps == pytest.approx(1000 / ((66.7 + 66.6 + 66.7) / 3))
+    path, _ = write_dicom(tmp_path / "b.dcm", _noise((1, 8, 8)), "mono2", FrameTimeVector=[0])
+    assert video_io.load_video(path, 8).fps == 0.0  # one frame: no interval
 
 
 def test_dicom_rgb_becomes_luma(tmp_path):
@@ -184,12 +204,24 @@ def test_dicom_max_frames_keeps_the_first_frames(tmp_path):
     np.testing.assert_array_equal(video_io.load_video(path, 16, max_frames=2).frames, frames[:2])
 
 
-def test_undecodable_dicoms_name_the_problem(tmp_path):
+def test_undecodable_dicoms_name_the_problem(tmp_path, monkeypatch):
     path, _ = write_dicom(tmp_path / "ls.dcm", _noise((2, 16, 16)), "jpegls")
     kind, message = _error_kind(path)
     assert kind == video_io.UNDECODABLE_DICOM
-    assert "JPEG-LS Lossless" in message and JPEGLSLossless in message
-    assert "pylibjpeg" in message  # what to install
+    assert "JPEG-LS Lossless" in message and JPEGLSLossless in message and "frame 0" in message
+    with monkeypatch.context() as patch:  # as without the plugins of requirements.txt
+        decoder = pydicom.pixels.get_decoder(JPEGLSLossless)
+        patch.setattr(decoder, "_available", {})
+        patch.setattr(decoder, "_unavailable", {"pylibjpeg": ("pylibjpeg-libjpeg>=2.1",)})
+        kind, message = _error_kind(path)
+        assert kind == video_io.UNDECODABLE_DICOM and "pylibjpeg-libjpeg" in message
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = MPEG4HP41
+    ds.save_as(path)
+    kind, message = _error_kind(path)
+    assert kind == video_io.UNDECODABLE_DICOM and "cannot decode" in message
+    assert "MPEG-4" in message
 
     path, _ = write_dicom(tmp_path / "nopixels.dcm", _noise((2, 16, 16)), "mono2")
     ds = pydicom.dcmread(path)
