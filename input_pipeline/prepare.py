@@ -7,8 +7,9 @@ does that), nor for decoding at inference time (use `video_io.load_video`).
 
 Usage:
   python -m input_pipeline.prepare --manifest data/manifest.csv --out data/prepared \\
-      [--root DIR] [--workers N] [--size 256] [--max_frames N] [--frame_format png|jpeg]
-      [--label_columns a,b] [--vocab SPEC] [--splits train,val,test] [--overwrite]
+      [--root DIR] [--workers N] [--size 256] [--max_frames N] [--fps F]
+      [--min_frames 8] [--frame_format png|jpeg] [--label_columns a,b] [--vocab SPEC]
+      [--splits train,val,test] [--allow_split_overlap] [--overwrite] [--log_every N]
 
 The manifest is DeepCORO-CLIP's: 'α'- or comma-separated (read from the header
 line), one row per video with the columns FileName, Split, Report and optionally
@@ -20,16 +21,34 @@ Videos are decoded by `video_io.load_video` in 'spawn' worker processes that
 import no TensorFlow, frames are encoded there and the main process writes the
 examples, grouped by split, then by study (in order of first appearance), then
 in manifest order; the output does not depend on worker scheduling. A bad row
-(missing or empty file, unreadable or truncated video, zero frames, undecodable
-DICOM, unknown split, empty report, ...) is logged, listed with its reason in
-DIR/prepare_report.json and skipped; the rest is written. A SentencePiece model
-is trained on the written train studies' reports (one per study) and stored as
-DIR/spm.model, unless --vocab names a tokenizer.
+is listed with its reason in DIR/prepare_report.json and skipped; the rest is
+written. Bad rows: an unknown split, an empty report or a malformed row; a
+missing or empty file, an unreadable or truncated video, zero frames, an
+undecodable DICOM, ...; a video of fewer than --min_frames frames (a still
+image; the bar is --max_frames when that is lower); a split overlap: a file
+(resolved path) or a study in two splits belongs to the split of its first row
+in manifest order and its rows in other splits are skipped, unless
+--allow_split_overlap; a duplicate: the same file, split, study and report as
+an earlier row. A SentencePiece model is trained on the written train studies'
+reports (one per study) and stored as DIR/spm.model, unless --vocab names a
+tokenizer.
 
-Everything is written into a hidden temporary folder next to DIR which is
-renamed to DIR at the very end, so an interrupted run never leaves a DIR that
-looks complete (a killed run may leave a `.DIR.tmp-*` folder to delete). The
-exit status is 0 when any video was written and 2 when none was (then no DIR).
+A run works in a hidden folder beside DIR, `.DIR.tmp-KEY`, where KEY hashes the
+manifest's bytes and every argument that changes the output (not --workers,
+--log_every nor --overwrite). Each video is kept there once decoded; a run
+interrupted and started again with the same arguments reuses those and decodes
+the rest (rows that failed are tried again), while other arguments start
+another folder (the log names the old one, to delete). The shards are written
+there (the folder holds about twice the dataset's size at the end) and renamed
+to DIR at the very end, so a DIR that exists is complete; then the work folder
+is removed. The exit status is 0 when any video was written and 2 when none
+was: then DIR is neither created nor replaced, and the report is written beside
+it as DIR.prepare_report.json (a later run that writes removes it).
+
+Stdout shows a progress line every --log_every videos or 10 seconds (videos
+done, videos/s, time left, failures) and a summary (videos per split, failures
+per reason, where the report is); the first failures are logged as warnings,
+and all of them are in the report.
 """
 
 from __future__ import annotations
@@ -39,20 +58,23 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import datetime
+import glob
+import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
-from deepcoro_jax import tokenizers
+from deepcoro_jax import console, paths, tokenizers
 from input_pipeline import video_io
 
 if TYPE_CHECKING:
@@ -68,7 +90,12 @@ REPORT_FILE = "prepare_report.json"
 UNKNOWN_SPLIT = "unknown split"
 EMPTY_REPORT = "empty report"
 MALFORMED_ROW = "malformed manifest row"
+SPLIT_OVERLAP = "split overlap"
+DUPLICATE_ROW = "duplicate row"
+TOO_FEW_FRAMES = "too few frames"
 UNEXPECTED_ERROR = "unexpected error"
+PROGRESS_SECONDS = 10.0  # at most this long between two progress lines
+MAX_LOGGED_FAILURES = 10  # failures logged as warnings; all are in the report
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +183,8 @@ def read_manifest(
                 return ManifestRow(
                     index=index,
                     path=path,
-                    resolved_path=os.path.join(base, expanded),  # an absolute path stays as is
+                    # An absolute path stays as is; 'a/../b' and 'b' name one file.
+                    resolved_path=os.path.normpath(os.path.join(base, expanded)),
                     split=split,
                     report=report,
                     study_id=(values[study_column] if has_study else "") or path,
@@ -187,6 +215,48 @@ def _label_value(value: str, kind: str) -> float | str:
     return float(value) if value else math.nan
 
 
+def _drop_overlaps_and_duplicates(
+    rows: Sequence[ManifestRow], allow_split_overlap: bool = False
+) -> tuple[list[ManifestRow], list[dict]]:
+    """The rows to decode, and a failure entry {"row", "path", "reason"} for each other row.
+
+    Split overlap: a file (its resolved path) and a study (StudyInstanceUID)
+    belong to the split of their first row in manifest order; their rows in any
+    other split are dropped, unless `allow_split_overlap`. Duplicate: a row with
+    the same file, split, study and report as an earlier kept row is dropped.
+    """
+    first_of_file: dict[str, ManifestRow] = {}
+    first_of_study: dict[str, ManifestRow] = {}
+    first_of_row: dict[tuple[str, str, str, str], ManifestRow] = {}
+    kept, failed = [], []
+    keep_both = "(--allow_split_overlap keeps both)"
+    for row in rows:
+        file_first = first_of_file.setdefault(row.resolved_path, row)
+        study_first = first_of_study.setdefault(row.study_id, row)
+        key = (row.resolved_path, row.split, row.study_id, row.report)
+        if not allow_split_overlap and file_first.split != row.split:
+            reason = (
+                f"{SPLIT_OVERLAP}: the file {row.resolved_path} is in split "
+                f"{file_first.split!r} from row {file_first.index}, and kept there only {keep_both}"
+            )
+        elif not allow_split_overlap and study_first.split != row.split:
+            reason = (
+                f"{SPLIT_OVERLAP}: study {row.study_id!r} is in split {study_first.split!r} "
+                f"from row {study_first.index}, and kept there only {keep_both}"
+            )
+        elif key in first_of_row:
+            reason = (
+                f"{DUPLICATE_ROW}: the same file, split, study and report as row "
+                f"{first_of_row[key].index}"
+            )
+        else:
+            first_of_row[key] = row
+            kept.append(row)
+            continue
+        failed.append({"row": row.index, "path": row.path, "reason": reason})
+    return kept, failed
+
+
 # Worker side: decode and encode one video. Only video_io, NumPy and PIL here.
 
 
@@ -197,6 +267,7 @@ class _DecodeTask:
     max_frames: int | None
     frame_format: str
     jpeg_quality: int
+    fps: float | None  # resample to this rate (video_io.resample_frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +279,7 @@ class _DecodeResult:
 
 def _decode(task: _DecodeTask) -> _DecodeResult:
     try:
-        video = video_io.load_video(task.path, task.size, task.max_frames)
+        video = video_io.load_video(task.path, task.size, task.max_frames, task.fps)
     except video_io.VideoError as e:
         return _DecodeResult(frames=[], fps=0.0, error=str(e))
     except Exception as e:  # one bad file must not stop a run over 300k videos
@@ -219,20 +290,66 @@ def _decode(task: _DecodeTask) -> _DecodeResult:
     return _DecodeResult(frames=encoded, fps=video.fps, error=None)
 
 
-def _decode_in_order(tasks: Iterator[_DecodeTask], workers: int) -> Iterator[_DecodeResult]:
-    """Results in task order; at most 4 * workers tasks in flight (bounded memory)."""
+class _DecodeCache:
+    """The videos decoded so far by runs with one work folder: a pickle per manifest row.
+
+    An entry appears (by an atomic rename) only when complete, so an interrupted
+    run leaves whole entries only. Failed decodes are not kept: the next run
+    tries those rows again (a file may have been fixed or a mount come back).
+    """
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.folder = folder
+        names = os.listdir(folder)
+        self.rows = {int(name[: -len(".pkl")]) for name in names if name.endswith(".pkl")}
+
+    def __contains__(self, row: int) -> bool:
+        return row in self.rows
+
+    def _path(self, row: int) -> str:
+        return os.path.join(self.folder, f"{row}.pkl")
+
+    def load(self, row: int) -> _DecodeResult:
+        with open(self._path(row), "rb") as f:
+            return pickle.load(f)  # written by `store` in a folder of this run's own
+
+    def store(self, row: int, result: _DecodeResult) -> None:
+        path = self._path(row)
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(path + ".tmp", path)
+        self.rows.add(row)
+
+
+def _decode_in_order(
+    jobs: Iterator[tuple[int, _DecodeTask]], workers: int, cache: _DecodeCache
+) -> Iterator[tuple[_DecodeResult, bool]]:
+    """(result, reused) for each (row, task), in order: the cached decode of the row if
+    any, else a new one (cached when it succeeds); at most 4 * workers in flight."""
+
+    def finish(row: int, result: _DecodeResult | None) -> tuple[_DecodeResult, bool]:
+        if result is None:
+            return cache.load(row), True
+        if result.error is None:
+            cache.store(row, result)
+        return result, False
+
     if workers == 0:
-        yield from map(_decode, tasks)
+        for row, task in jobs:
+            yield finish(row, None if row in cache else _decode(task))
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        pending = collections.deque()
-        for task in tasks:
-            pending.append(pool.submit(_decode, task))
+        pending = collections.deque()  # (row, future), future None for a cached row
+        for row, task in jobs:
+            pending.append((row, None if row in cache else pool.submit(_decode, task)))
             if len(pending) >= 4 * workers:
-                yield pending.popleft().result()
+                row, future = pending.popleft()
+                yield finish(row, future and future.result())
         while pending:
-            yield pending.popleft().result()
+            row, future = pending.popleft()
+            yield finish(row, future and future.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -241,25 +358,47 @@ def _decode_in_order(tasks: Iterator[_DecodeTask], workers: int) -> Iterator[_De
 
 
 class _Progress:
-    def __init__(self, total: int, log_every: int):
-        self.total, self.log_every = total, log_every
-        self.done = self.failed = 0
-        self.start = time.monotonic()
+    """Counts a run's videos and failures, and prints a progress line to stdout.
 
-    def update(self, failed: bool) -> None:
+    A line every `log_every` videos or PROGRESS_SECONDS, whichever comes first,
+    and after the last video. The rate and the time left count only the videos
+    decoded by this run (not those reused from the work folder). The first
+    MAX_LOGGED_FAILURES failures are logged as warnings; all are in the report.
+    """
+
+    def __init__(self, total: int, to_decode: int, log_every: int):
+        self.total, self.to_decode, self.log_every = total, to_decode, log_every
+        self.done = self.decoded = self.failed = 0
+        self.start = self.last_time = time.monotonic()
+        self.last_done = 0
+
+    def fail(self, entry: dict) -> None:
+        self.failed += 1
+        if self.failed <= MAX_LOGGED_FAILURES:
+            log.warning("row %d (%s) skipped: %s", entry["row"], entry["path"], entry["reason"])
+        if self.failed == MAX_LOGGED_FAILURES:
+            log.warning("further failed rows are listed in the report only")
+
+    def update(self, reused: bool) -> None:
         self.done += 1
-        self.failed += failed
-        if self.done % self.log_every == 0 or self.done == self.total:
-            elapsed = time.monotonic() - self.start
-            rate = self.done / max(elapsed, 1e-9)
-            log.info(
-                "prepare: %d/%d videos (%d failed), %.1f videos/s, %.0f s left",
-                self.done,
-                self.total,
-                self.failed,
-                rate,
-                (self.total - self.done) / rate,
-            )
+        self.decoded += not reused
+        now = time.monotonic()
+        every = self.done - self.last_done >= self.log_every
+        if not (every or now - self.last_time >= PROGRESS_SECONDS or self.done == self.total):
+            return
+        self.last_time, self.last_done = now, self.done
+        rate = self.decoded / max(now - self.start, 1e-9)
+        left = self.to_decode - self.decoded
+        if left == 0:
+            eta = "0:00:00"
+        else:
+            eta = str(datetime.timedelta(seconds=round(left / rate))) if rate else "?"
+        reused = f" ({self.done - self.decoded} reused)" if self.done > self.decoded else ""
+        print(
+            f"prepare: {self.done}/{self.total} videos{reused}, {rate:.1f} videos/s, "
+            f"ETA {eta}, {self.failed} failed",
+            flush=True,
+        )
 
 
 def _write_splits(
@@ -271,9 +410,12 @@ def _write_splits(
     splits: Sequence[str],
     examples_per_shard: int,
     workers: int,
-    log_every: int,
+    cache: _DecodeCache,
+    min_frames: int,
+    max_frames: int | None,
+    progress: _Progress,
 ) -> tuple[dict[str, int], list[tfds.core.SplitInfo], list[dict], list[str], int]:
-    """Decodes and writes every row.
+    """Decodes (or takes from `cache`) and writes every row.
 
     Returns the videos written per split, the split infos, the failed rows, the
     report of each written train study and the bytes written.
@@ -320,25 +462,40 @@ def _write_splits(
         if split == TRAIN_SPLIT:
             train_reports.append(study[0][0].report)
 
-    progress = _Progress(len(ordered), log_every)
     study: list[tuple[ManifestRow, _DecodeResult]] = []  # the written videos of one study
     current = None
-    results = _decode_in_order((task_of(row) for row in ordered), workers)
+    results = _decode_in_order(((row.index, task_of(row)) for row in ordered), workers, cache)
     with contextlib.closing(results):
-        for row, result in zip(ordered, results, strict=True):
+        for row, (result, reused) in zip(ordered, results, strict=True):
             if (row.split, row.study_id) != current:
                 write_study(study)
                 study, current = [], (row.split, row.study_id)
-            if result.error is None:
+            error = result.error or _frame_count_error(row, result, min_frames, max_frames)
+            if error is None:
                 study.append((row, result))
             else:
-                failed.append({"row": row.index, "path": row.path, "reason": result.error})
-                log.warning("row %d (%s) skipped: %s", row.index, row.path, result.error)
-            progress.update(failed=result.error is not None)
+                failed.append({"row": row.index, "path": row.path, "reason": error})
+                progress.fail(failed[-1])
+            progress.update(reused)
         write_study(study)
     split_infos = [writers[split].close() for split in splits]
     num_bytes = sum(writer.num_bytes for writer in writers.values())
     return written, split_infos, failed, train_reports, num_bytes
+
+
+def _frame_count_error(
+    row: ManifestRow, result: _DecodeResult, min_frames: int, max_frames: int | None
+) -> str | None:
+    """The failure of a video with fewer than `min_frames` frames (at most `max_frames`)."""
+    needed = min_frames if max_frames is None else min(min_frames, max_frames)
+    if len(result.frames) >= needed:
+        return None
+    count = f"{len(result.frames)} frame{'' if len(result.frames) == 1 else 's'}"
+    capped = f", capped by --max_frames {max_frames}" if needed < min_frames else ""
+    return (
+        f"{TOO_FEW_FRAMES}: {row.resolved_path} has {count}, fewer than {needed} "
+        f"(--min_frames {min_frames}{capped}); a still image is not a cine"
+    )
 
 
 def _canonical_vocab(spec: str) -> str:
@@ -362,6 +519,8 @@ def prepare(
     workers: int | None = None,
     size: int = 256,
     max_frames: int | None = None,
+    fps: float | None = None,
+    min_frames: int = 8,
     frame_format: str = "png",
     jpeg_quality: int = 95,
     label_columns: Sequence[str] = (),
@@ -373,15 +532,20 @@ def prepare(
     study_column: str = "StudyInstanceUID",
     splits: Sequence[str] = DEFAULT_SPLITS,
     examples_per_shard: int = 256,
+    allow_split_overlap: bool = False,
     overwrite: bool = False,
     log_every: int = 1000,
 ) -> dict:
     """Prepares the dataset at `out` (see the module docstring); returns the prepare report.
 
     `workers`: decoding processes (default: one per CPU; 0 decodes in this
-    process). The report is ``{"written": {split: count}, "failed": [{"row",
-    "path", "reason"}], "seconds", "videos_per_second", "bytes_per_video"}``, also
-    saved as DIR/prepare_report.json when anything was written.
+    process). `fps`: every video is resampled in time to this rate
+    (`video_io.resample_frames`; a video whose rate is unknown fails) and
+    `max_frames` counts the resampled frames. The report is ``{"written":
+    {split: count}, "failed": [{"row", "path", "reason"}], "failed_by_reason":
+    {kind: count}, "seconds", "videos_per_second", "bytes_per_video"}``, also
+    saved as DIR/prepare_report.json, or as DIR.prepare_report.json when nothing
+    was written.
     """
     from input_pipeline import dataset_format
 
@@ -389,6 +553,8 @@ def prepare(
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check("size", size, size >= 1, "at least 1")
     _check("max_frames", max_frames, max_frames is None or max_frames >= 1, "at least 1")
+    _check("min_frames", min_frames, min_frames >= 1, "at least 1")
+    _check("fps", fps, fps is None or fps > 0, "a positive frame rate")
     _check(
         "frame_format",
         frame_format,
@@ -423,8 +589,9 @@ def prepare(
         label_columns=label_columns,
         splits=splits,
     )
+    rows, rejected = _drop_overlaps_and_duplicates(table.rows, allow_split_overlap)
     if tokenizer is None:
-        train_chars = {c for r in table.rows if r.split == TRAIN_SPLIT for c in r.report}
+        train_chars = {c for r in rows if r.split == TRAIN_SPLIT for c in r.report}
         # SentencePiece needs a piece per character, the word boundary and pad/unk/bos/eos.
         min_vocab_size = len({c for c in train_chars if not c.isspace()}) + 1 + 4
         _check(
@@ -433,9 +600,6 @@ def prepare(
             vocab_size >= min_vocab_size,
             f"at least {min_vocab_size} for these train reports (one piece per character)",
         )
-    for entry in table.failed:
-        log.warning("row %d (%s) skipped: %s", entry["row"], entry["path"], entry["reason"])
-    log.info("prepare: %d videos to decode with %d workers", len(table.rows), workers)
 
     meta = dataset_format.DatasetMeta(
         size=size,
@@ -444,36 +608,75 @@ def prepare(
         tokenizer=tokenizer or dataset_format.TOKENIZER_FILE,
         max_frames=max_frames,
         jpeg_quality=jpeg_quality,
+        fps=fps,
     )
     task_of = lambda row: _DecodeTask(
-        row.resolved_path, size, max_frames, frame_format, jpeg_quality
+        row.resolved_path, size, max_frames, frame_format, jpeg_quality, fps
     )
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    settings = {  # what the output depends on besides the decode tasks and the manifest
+        "manifest": os.path.abspath(manifest),
+        "min_frames": min_frames,
+        "label_columns": list(label_columns),
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "columns": [file_column, split_column, report_column, study_column],
+        "splits": list(splits),
+        "examples_per_shard": examples_per_shard,
+        "allow_split_overlap": allow_split_overlap,
+    }
+    work_dir = _work_dir(out, manifest, settings, map(task_of, rows))
+    others = _work_dirs(out) - {work_dir}
+    cache = _DecodeCache(os.path.join(work_dir, "decoded"))
+    data_dir = os.path.join(work_dir, "dataset")
+    shutil.rmtree(data_dir, ignore_errors=True)  # the partial shards of an interrupted run
+    os.makedirs(data_dir)
+    if cache.rows:
+        print(f"prepare: resuming in {work_dir}: {len(cache.rows)} videos already decoded")
+    else:
+        print(f"prepare: working in {work_dir}")
+    if others:
+        print(
+            f"prepare: {', '.join(sorted(others))} (from runs with other arguments or another "
+            "manifest) left as they are; delete them if not needed"
+        )
+    failed_before = table.failed + rejected
+    progress = _Progress(len(rows), sum(row.index not in cache for row in rows), log_every)
+    for entry in sorted(failed_before, key=lambda entry: entry["row"]):
+        progress.fail(entry)
+    print(
+        f"prepare: {len(failed_before)} rows rejected from the manifest; {len(rows)} videos, "
+        f"{progress.to_decode} to decode with {workers} workers",
+        flush=True,
+    )
     try:
         written, split_infos, failed, train_reports, num_bytes = _write_splits(
-            tmp_dir,
-            table.rows,
+            data_dir,
+            rows,
             task_of,
             table.label_kinds,
             dataset_format.build_features(meta),
             splits,
             examples_per_shard,
             workers,
-            log_every,
+            cache,
+            min_frames,
+            max_frames,
+            progress,
         )
-        failed = sorted(table.failed + failed, key=lambda entry: entry["row"])
-        total = sum(written.values())
-        if total == 0:
-            shutil.rmtree(tmp_dir)
-            log.error(
-                "prepare: nothing written (%d rows failed); no dataset at %s", len(failed), out
-            )
-            return _report(written, failed, num_bytes, start)
+        failed = sorted(failed_before + failed, key=lambda entry: entry["row"])
+        if sum(written.values()) == 0:
+            report = _report(written, failed, num_bytes, start)
+            report_path = f"{out}.{REPORT_FILE}"  # beside DIR: an existing DIR stays as it is
+            with open(report_path, "w") as f:
+                json.dump(report, f, indent=2)
+            shutil.rmtree(work_dir)
+            _print_summary(report, out, report_path)
+            return report
         if tokenizer is None:
             if train_reports:
                 tokenizers.train_sentencepiece(
-                    train_reports, os.path.join(tmp_dir, dataset_format.TOKENIZER_FILE), vocab_size
+                    train_reports, os.path.join(data_dir, dataset_format.TOKENIZER_FILE), vocab_size
                 )
             else:
                 log.warning(
@@ -481,35 +684,77 @@ def prepare(
                 )
                 meta = dataclasses.replace(meta, tokenizer=None)
         dataset_format.write_metadata(
-            tmp_dir,
+            data_dir,
             meta,
             split_infos,
             description=f"Angiography videos and reports from {os.path.abspath(manifest)}.",
         )
         report = _report(written, failed, num_bytes, start)
-        with open(os.path.join(tmp_dir, REPORT_FILE), "w") as f:
+        with open(os.path.join(data_dir, REPORT_FILE), "w") as f:
             json.dump(report, f, indent=2)
-        _move_into_place(tmp_dir, out)
+        _move_into_place(data_dir, out)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if cache.rows:
+            print(
+                f"prepare: stopped; the {len(cache.rows)} videos decoded so far are kept in "
+                f"{work_dir}, and the same command resumes from them",
+                flush=True,
+            )
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    log.info(
-        "prepare: wrote %s to %s in %.1f s (%.1f videos/s, %.0f bytes/video); %d rows failed",
-        written,
-        out,
-        report["seconds"],
-        report["videos_per_second"],
-        report["bytes_per_video"],
-        len(report["failed"]),
-    )
+    shutil.rmtree(work_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(f"{out}.{REPORT_FILE}")  # the report of an earlier run that wrote nothing
+    _print_summary(report, out, os.path.join(out, REPORT_FILE))
     return report
+
+
+def _work_dir(out: str, manifest: str, settings: dict, tasks: Iterable[_DecodeTask]) -> str:
+    """`.NAME.tmp-KEY` beside `out`; KEY hashes the manifest's bytes, `settings` and
+    every decode task (the resolved paths and the decoding options)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    with open(manifest, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    for task in tasks:
+        digest.update(repr(task).encode())
+    name = f".{os.path.basename(out)}.tmp-{digest.hexdigest()[:16]}"
+    return os.path.join(os.path.dirname(out), name)
+
+
+def _work_dirs(out: str) -> set[str]:
+    """The work folders of every run for `out`, interrupted ones included."""
+    pattern = f".{glob.escape(os.path.basename(out))}.tmp-*"
+    return set(glob.glob(os.path.join(glob.escape(os.path.dirname(out)), pattern)))
+
+
+def _print_summary(report: dict, out: str, report_path: str) -> None:
+    """The end of a run, on stdout: videos written per split, failures per reason, the report."""
+    written = report["written"]
+    total = sum(written.values())
+    if total:
+        per_split = ", ".join(f"{count} {split}" for split, count in written.items())
+        print(
+            f"prepare: wrote {total} videos ({per_split}) to {out} in {report['seconds']:.1f} s "
+            f"({report['videos_per_second']:.1f} videos/s)"
+        )
+    else:
+        kept = f"the existing dataset at {out} is kept" if os.path.isdir(out) else "no dataset"
+        print(f"prepare: 0 written; {kept}")
+    reasons = ", ".join(f"{count} {kind}" for kind, count in report["failed_by_reason"].items())
+    print(f"prepare: {len(report['failed'])} rows failed" + (f" ({reasons})" if reasons else ""))
+    print(f"prepare: report in {report_path}", flush=True)
 
 
 def _report(written: dict[str, int], failed: list[dict], num_bytes: int, start: float) -> dict:
     total = sum(written.values())
     seconds = time.monotonic() - start
+    by_reason = collections.Counter(entry["reason"].partition(":")[0] for entry in failed)
     return {
         "written": written,
+        "failed_by_reason": dict(by_reason.most_common()),
         "failed": failed,
         "seconds": round(seconds, 3),
         "videos_per_second": round(total / seconds, 3),
@@ -547,6 +792,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="decoding processes (default: CPU count)")
     parser.add_argument("--size", type=int, default=256, help="output frame side in pixels")
     parser.add_argument("--max_frames", type=int, help="keep the first N frames of each video")
+    parser.add_argument("--fps", type=float, help="resample every video in time to F frames/s")
+    parser.add_argument(
+        "--min_frames", type=int, default=8, help="skip videos of fewer frames (a still image)"
+    )
     parser.add_argument("--frame_format", default="png", choices=("png", "jpeg"))
     parser.add_argument("--jpeg_quality", type=int, default=95)
     parser.add_argument("--label_columns", type=_comma_list, default=[])
@@ -558,15 +807,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study_column", default="StudyInstanceUID")
     parser.add_argument("--splits", type=_comma_list, default=list(DEFAULT_SPLITS))
     parser.add_argument("--examples_per_shard", type=int, default=256)
+    parser.add_argument(
+        "--allow_split_overlap",
+        action="store_true",
+        help="keep a study or file found in two splits in both (default: in its first only)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--log_every", type=int, default=1000, help="progress line every N")
+    parser.add_argument(
+        "--log_every", type=int, default=1000, help="a progress line every N videos (or 10 s)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="library log lines too")
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("manifest", "out", "root"):
+        args[name] = paths.resolve(args[name]) if args[name] else args[name]
+    if args["vocab"]:
+        args["vocab"] = paths.resolve_tokenizer_spec(args["vocab"])
+    verbose = args.pop("verbose")
+    if argv is None:  # the command line: library log lines go to <out>.prepare_log.txt
+        console.start(verbose=verbose)
+        out = args["out"]
+        console.attach(os.path.dirname(out), f"{os.path.basename(out)}.prepare_log.txt")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         report = prepare(args.pop("manifest"), args.pop("out"), **args)
     except (ValueError, OSError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=console.terminal())
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: prepare has said where its work is kept
+        return 130
     return 0 if sum(report["written"].values()) else 2
 
 
