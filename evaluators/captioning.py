@@ -32,7 +32,7 @@ Conventions of `clinical_metrics`:
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from deepcoro_jax import decode, losses, reports
+from deepcoro_jax import decode, losses, paths, reports
 from evaluators import common, text_metrics
 
 
@@ -221,6 +221,7 @@ class Evaluator:
                 f"{where}.max_len={max_len} must be in [1, {decoder.max_len}] (the caption "
                 "decoder's position table, config.input.caption_max_len)"
             )
+        common.require_split(ctx, split)
         self.ctx, self.name, self.split, self.batch_size = ctx, name, split, batch_size
         self.max_len = max_len
         model, tok = ctx.model, ctx.caption_tokenizer
@@ -298,11 +299,11 @@ class Evaluator:
         references: Sequence[str],
         generated: Sequence[str],
     ) -> None:
-        folder = os.path.join(self.ctx.workdir, "captions")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{self.name}_{step}.csv")
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_COLUMNS)
-            for line in zip(study_ids.tolist(), rows.tolist(), references, generated, strict=True):
-                writer.writerow(line)
+        folder = paths.Path(self.ctx.workdir) / "captions"  # local, or a URL
+        folder.mkdir(parents=True, exist_ok=True)
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(CSV_COLUMNS)
+        for line in zip(study_ids.tolist(), rows.tolist(), references, generated, strict=True):
+            writer.writerow(line)
+        (folder / f"{self.name}_{step}.csv").write_text(text.getvalue(), encoding="utf-8")

@@ -8,7 +8,11 @@ An evaluator is the class ``Evaluator`` of the module ``evaluators.<type>``::
 The trainer builds one per entry of ``config.evals`` (``build_evaluators``):
 ``{name: dict(type=..., log_steps=..., split=..., at_start=False, **options)}``;
 ``type``, ``log_steps`` and ``at_start`` are the trainer's, the rest go to the
-constructor. It logs the results as ``<name>/<metric>``.
+constructor. It logs the results as ``<name>/<metric>``. A constructor raises
+``DataLacks`` when the prepared data lacks what the evaluator needs (a split, a
+label column); ``build_evaluators`` then leaves that evaluator out with one
+warning, so the recipe runs on any prepared data. Every other error in an
+evaluator's options still stops the run.
 
 Every evaluator covers each example of its split exactly once on any number of
 devices and processes: ``predict_split`` runs a jitted function over
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -87,6 +92,19 @@ class EvalContext:
         return "|".join(parts)
 
 
+class DataLacks(ValueError):
+    """The prepared data lacks what an evaluator needs; the message says what."""
+
+
+def require_split(ctx: EvalContext, split: str) -> None:
+    """Raises `DataLacks` unless the prepared dataset holds `split`."""
+    from input_pipeline import dataset_format  # TensorFlow
+
+    names = dataset_format.split_names(ctx.data_dir)
+    if split not in names:
+        raise DataLacks(f"{ctx.data_dir} has no split {split!r} (it has {names})")
+
+
 def evaluator_class(type_name: str, where: str) -> type:
     """The ``Evaluator`` class of ``evaluators.<type_name>``; `where` names the config key."""
     if type_name not in TYPES:
@@ -109,7 +127,11 @@ class Scheduled:
 
 
 def build_evaluators(evals: Mapping[str, Mapping[str, Any]], ctx: EvalContext) -> list[Scheduled]:
-    """The evaluators of ``config.evals``, each with a clear error naming its config key."""
+    """The evaluators of ``config.evals``, each with a clear error naming its config key.
+
+    An evaluator whose constructor raises `DataLacks` is left out, with one
+    warning naming its config key and what the data lacks.
+    """
     scheduled = []
     for name, spec in evals.items():
         where = f"config.evals.{name}"
@@ -126,6 +148,9 @@ def build_evaluators(evals: Mapping[str, Mapping[str, Any]], ctx: EvalContext) -
         options = {k: v for k, v in spec.items() if k not in TRAINER_KEYS}
         try:
             evaluator = cls(ctx, name=name, **options)
+        except DataLacks as e:
+            logging.warning("%s left out: %s", where, e)
+            continue
         except TypeError as e:
             raise ValueError(f"{where}: {e}") from e
         scheduled.append(Scheduled(name, evaluator, log_steps, at_start))

@@ -259,7 +259,7 @@ class Evaluator:
     """Linear probes of the frozen video embeddings; see the module docstring.
 
     ``labels``: the label columns to probe (prepare's ``--label_columns``);
-    default every numeric label column of the dataset.
+    default every numeric label column of the dataset (none: ``common.DataLacks``).
     """
 
     def __init__(
@@ -285,19 +285,23 @@ class Evaluator:
             raise ValueError(f"{where}.bootstrap={bootstrap} must be at least 0")
         kinds = dataset_format.load_meta(ctx.data_dir).label_columns
         numeric = [column for column, kind in kinds.items() if kind == "float"]
+        if labels is not None:
+            if isinstance(labels, str) or not labels:
+                raise ValueError(f"{where}.labels={labels!r} must be a non-empty list of columns")
+            for column in labels:
+                if column not in numeric:
+                    raise ValueError(
+                        f"{where}.labels: {column!r} is not a numeric label column "
+                        f"of {ctx.data_dir}; it has {numeric}"
+                    )
+        common.require_split(ctx, split)
+        common.require_split(ctx, train_split)
         if labels is None:
             if not numeric:
-                raise ValueError(
-                    f"{where}: {ctx.data_dir} carries no numeric label column (prepare it with "
-                    "--label_columns)"
+                raise common.DataLacks(
+                    f"{ctx.data_dir} carries no numeric label column (prepare --label_columns)"
                 )
             labels = numeric
-        if isinstance(labels, str) or not labels:
-            raise ValueError(f"{where}.labels={labels!r} must be a non-empty list of columns")
-        for column in labels:
-            if column not in numeric:
-                raise ValueError(f"{where}.labels: {column!r} is not a numeric label column of "
-                                 f"{ctx.data_dir}; it has {numeric}")
         self.ctx, self.split, self.train_split = ctx, split, train_split
         self.batch_size, self.labels = batch_size, list(labels)
         # What the trainer prints: each label's AUROC or MAE (whichever it gets).

@@ -41,7 +41,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from deepcoro_jax import sharding
+from deepcoro_jax import paths, sharding
 from deepcoro_jax.models.mvm import patchify, unpatchify
 from evaluators import common
 
@@ -145,6 +145,7 @@ class Evaluator:
         if len(pixel_range) != 2 or not pixel_range[0] < pixel_range[1]:
             raise ValueError(f"{where}.pixel_range={tuple(pixel_range)} must be (low, high) "
                              "with low < high")
+        common.require_split(ctx, split)
         self.ctx, self.name, self.split, self.batch_size = ctx, name, split, batch_size
         self.num_images, self.num_frames_shown = num_images, num_frames_shown
         self.pixel_range = (float(pixel_range[0]), float(pixel_range[1]))
@@ -279,5 +280,6 @@ def draw_reconstructions(
                 if video_index == 0 and kind == 0:
                     ax.set_title(f"frame {frame}", fontsize=7)
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=100)
+    paths.Path(path).parent.mkdir(parents=True, exist_ok=True)  # local, or a URL
+    with paths.Path(path).open("wb") as f:
+        figure.savefig(f, dpi=100, format="png")

@@ -316,6 +316,7 @@ class Evaluator:
             raise ValueError(f"config.evals.{name}.level={level!r}: choose one of {LEVELS}")
         self.ctx, self.split, self.batch_size, self.level = ctx, split, batch_size, level
         self.ks = _check_ks(ks)
+        common.require_split(ctx, split)
         model = ctx.model
 
         def embed_texts(params, text_ids, text_mask):

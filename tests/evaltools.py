@@ -2,7 +2,8 @@
 
 ``micro_config()`` is the runlocal recipe shrunk to 4 x 32 x 32 clips and one-layer
 towers; ``prepared_synthetic(root)`` generates and prepares 8 synthetic studies
-(train 6, val 1, test 1) once per folder; ``make_context`` builds the model and an
+(train 6, val 1, test 1) once per folder, ``without_labels`` copies such a set as if
+prepared without ``--label_columns``; ``make_context`` builds the model and an
 EvalContext on a mesh over the first `num_devices` devices, and ``init_params`` gives
 seeded random parameters. Tests take the session fixture ``synthetic_data`` from
 conftest.py rather than calling ``prepared_synthetic`` themselves.
@@ -10,7 +11,10 @@ conftest.py rather than calling ``prepared_synthetic`` themselves.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +51,17 @@ def prepared_synthetic(root: str) -> str:
     from input_pipeline import data_cache
 
     return data_cache.ensure_synthetic(dict(SYNTHETIC, cache_dir=os.fspath(root)))
+
+
+def without_labels(data_dir: str, dest: str) -> str:
+    """A copy of the prepared `data_dir` at `dest` whose metadata lists no label column."""
+    from input_pipeline import dataset_format
+
+    shutil.copytree(data_dir, dest)
+    meta = dataclasses.replace(dataset_format.load_meta(dest), label_columns={})
+    with open(os.path.join(dest, dataset_format.META_FILE), "w") as f:
+        json.dump(meta.to_json(), f)
+    return os.fspath(dest)
 
 
 def make_context(

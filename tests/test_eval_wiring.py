@@ -1,4 +1,5 @@
-"""Evaluators run by the trainer: on schedule, at step 0, logged, and with --mode eval.
+"""Evaluators run by the trainer: on schedule, at step 0, logged, and with --mode eval;
+those the data cannot serve are left out with a warning.
 
 One in-process training of the micro config (2 steps on 8 fake devices) with a
 retrieval evaluator at step 0 and at the end; then mode='eval' on its checkpoint
@@ -6,11 +7,13 @@ must reproduce the end-of-training results, since it evaluates the same paramete
 """
 
 import json
+import logging
 
 import pytest
-from evaltools import micro_config
+from evaltools import make_context, micro_config, without_labels
 
 from deepcoro_jax import train
+from evaluators import common
 
 
 def _config(data_dir: str):
@@ -72,3 +75,33 @@ def test_a_bad_evaluator_is_named(synthetic_data, tmp_path):
     config.evals.train_retrieval.topk = 3
     with pytest.raises(ValueError, match=r"config.evals.train_retrieval: .*topk"):
         train.main(config, str(tmp_path / "unknown_option"))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_evaluators_the_data_cannot_serve_are_left_out(synthetic_data, tmp_path, caplog):
+    data_dir = without_labels(synthetic_data, tmp_path / "no_labels")
+    config = micro_config()  # the recipe's evaluators; val_probe needs a numeric label column
+    ctx = make_context(config, data_dir, str(tmp_path / "work"), 8)
+    with caplog.at_level(logging.WARNING):
+        built = common.build_evaluators(config.evals, ctx)
+    assert sorted(s.name for s in built) == ["val_captioning", "val_mvm", "val_retrieval"]
+    assert _warnings(caplog) == [
+        f"config.evals.val_probe left out: {data_dir} carries no numeric label column "
+        "(prepare --label_columns)"
+    ]
+
+    caplog.clear()
+    missing_split = {"r": dict(type="retrieval", log_steps=1, split="holdout", batch_size=8)}
+    with caplog.at_level(logging.WARNING):
+        assert common.build_evaluators(missing_split, ctx) == []
+    assert _warnings(caplog) == [
+        f"config.evals.r left out: {data_dir} has no split 'holdout' (it has "
+        "['test', 'train', 'val'])"
+    ]
+    # An error in the options still stops the run, whatever the data lacks.
+    missing_split["r"]["batch_size"] = 3
+    with pytest.raises(ValueError, match="config.evals.r.batch_size=3"):
+        common.build_evaluators(missing_split, ctx)

@@ -9,7 +9,7 @@ the plugin on the tiny set's train split on 8 devices (batch 8) and 1 device
 import jax
 import numpy as np
 import pytest
-from evaltools import init_params, make_context, micro_config
+from evaltools import init_params, make_context, micro_config, without_labels
 
 from deepcoro_jax import sharding
 from evaluators import common, linear_probe
@@ -210,3 +210,16 @@ def test_bad_options_name_the_key(plugin):
         linear_probe.Evaluator(ctx, name="p", batch_size=8, l2=0.0)
     with pytest.raises(ValueError, match="config.evals.p.batch_size"):
         linear_probe.Evaluator(ctx, name="p", batch_size=3)
+
+
+def test_data_without_labels_is_data_lacks_not_a_config_error(synthetic_data, tmp_path):
+    data_dir = without_labels(synthetic_data, tmp_path / "no_labels")
+    ctx = make_context(micro_config(), data_dir, str(tmp_path / "work"), 8)
+    with pytest.raises(common.DataLacks, match="carries no numeric label column"):
+        linear_probe.Evaluator(ctx, name="p", batch_size=8)
+    with pytest.raises(common.DataLacks, match="has no split 'holdout'"):
+        linear_probe.Evaluator(ctx, name="p", batch_size=8, train_split="holdout")
+    for options in (dict(l2=0.0), dict(labels=["lvef"])):  # the options' own errors come first
+        with pytest.raises(ValueError) as error:
+            linear_probe.Evaluator(ctx, name="p", batch_size=8, **options)
+        assert not isinstance(error.value, common.DataLacks)
