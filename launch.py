@@ -12,6 +12,12 @@ multi-host TPU slice; never on a plain single-process run. On CPU, processes
 talk through gloo. The persistent compilation cache (on by default) lets a
 restarted run reuse its compiled train step.
 
+The terminal shows progress, evaluations, the project's warnings and, for a
+run stopped by an error, one line naming the cause; library log lines and
+tracebacks go to WORKDIR/log.txt (`deepcoro_jax.console`), all of it also to
+the terminal with ``--verbose``. Paths may be relative, start with ``~`` or be
+URLs (``gs://...``).
+
 Not here: anything about training itself (``deepcoro_jax/train.py``).
 """
 
@@ -22,6 +28,8 @@ import sys
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from deepcoro_jax import console, paths
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/multitask.py:runlocal"
@@ -38,6 +46,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show every library log line on the terminal (always in WORKDIR/log.txt)."
+)
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "Persistent XLA compilation cache.")
 _CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", "~/.cache/deepcoro_jax/xla", "Where the compilation cache lives."
@@ -97,13 +108,17 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed()
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE_DIR.value))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from deepcoro_jax import train
+    console.start(verbose=_VERBOSE.value)
+    try:
+        initialize_distributed()
+        if _CACHE.value:
+            jax.config.update("jax_compilation_cache_dir", paths.resolve(_CACHE_DIR.value))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        from deepcoro_jax import train
 
-    train.main(_CONFIG.value, _WORKDIR.value, _MODE.value)
+        train.main(_CONFIG.value, paths.resolve(_WORKDIR.value), _MODE.value)
+    except Exception as e:  # one line on the terminal, the traceback in the log
+        sys.exit(console.fatal(e))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ckpt_steps = 100 if arg.runlocal else 1000
     config.keep_ckpts = 2 if arg.runlocal else 3
     config.best_metric = ""  # e.g. 'val_retrieval/v2t_recall@5:max'; '' keeps only the last ones
+    config.keep_best = 1  # with best_metric: also keep this many of the best checkpoints
 
     # ---------------------------------------------------------------------- input
     num_frames, image_size = (8, 64) if arg.runlocal else (16, 224)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from deepcoro_jax import tokenizers
+from deepcoro_jax import paths, tokenizers
 from deepcoro_jax.inference import Run
 from deepcoro_jax.models import multitask
 from deepcoro_jax.models.locca import CaptionDecoder, shift_right
@@ -272,12 +271,14 @@ def save_attention_maps(
     overlays = [overlay(frames, s.heat) for s in sentences]  # each [T, H, W, 3]
     labels = [f"{i + 1}. {s.text}" for i, s in enumerate(sentences)]
     columns = strip_frame_indices(len(frames), num_columns)
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    out_prefix = paths.resolve(out_prefix)
+    paths.Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     png_path, gif_path = f"{out_prefix}.png", f"{out_prefix}.gif"
     strip = _labelled_rows(
         [(label, [o[f] for f in columns]) for label, o in zip(labels, overlays, strict=True)]
     )
-    strip.save(png_path)
+    with paths.Path(png_path).open("wb") as f:
+        strip.save(f, format="PNG")
     gif_frames = [
         _labelled_rows(
             [
@@ -287,7 +288,13 @@ def save_attention_maps(
         )
         for f in range(len(frames))
     ]
-    gif_frames[0].save(
-        gif_path, save_all=True, append_images=gif_frames[1:], duration=GIF_FRAME_MS, loop=0
-    )
+    with paths.Path(gif_path).open("wb") as f:
+        gif_frames[0].save(
+            f,
+            format="GIF",
+            save_all=True,
+            append_images=gif_frames[1:],
+            duration=GIF_FRAME_MS,
+            loop=0,
+        )
     return png_path, gif_path

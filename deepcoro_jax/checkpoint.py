@@ -12,9 +12,11 @@ directory (``workdir/checkpoints``). Each step folder holds three items:
     metrics   JSON, when a best metric is tracked (written by orbax itself).
 
 Retention is one orbax preservation policy, ``AnyPreservationPolicy`` of
-``LatestN(keep)`` and ``BestN(n=1)`` over the tracked metric: a step survives
-when it is among the last `keep` OR is the best so far, so the best is never
-deleted while it is the best. Orbax writes each step to
+``LatestN(keep)`` and `BestRanked` (the `keep_best` best by the tracked
+metric): a step survives when it is among the last `keep` OR among the best
+`keep_best` so far, so a best one is never deleted while it is among them; a
+step without a finite value of the metric is kept only while among the latest.
+Orbax writes each step to
 ``<step>.orbax-checkpoint-tmp*`` and renames it when complete; a step folder
 without that suffix is complete, and tmp folders left by a killed save are
 ignored and removed when the next `Checkpointer` opens the directory.
@@ -28,6 +30,7 @@ never saves a NaN state), exporting weights for other frameworks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,13 +38,14 @@ import re
 import signal
 import threading
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from deepcoro_jax import paths
 from deepcoro_jax.sharding import param_name
 
 STATE_ITEM = "state"
@@ -117,15 +121,40 @@ def _mismatches(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> tuple[li
     return missing, shapes
 
 
+@dataclasses.dataclass
+class BestRanked:
+    """An orbax preservation policy: the `n` checkpoints of highest finite `rank`.
+
+    Unlike orbax's ``BestN``, a checkpoint without metrics or whose rank is not
+    finite is never among the best, however few checkpoints there are. Ties go to
+    the later step.
+    """
+
+    rank: Callable[[Mapping[str, float]], float]
+    n: int
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        del context
+        ranked = [
+            (self.rank(info.metrics), info.step, i)
+            for i, info in enumerate(checkpoints)
+            if info.metrics is not None
+        ]
+        best = {i for _, _, i in sorted(r for r in ranked if math.isfinite(r[0]))[-self.n :]}
+        return [i in best for i in range(len(checkpoints))]
+
+
 class Checkpointer:
     """Async checkpoints of the train state + data position in one directory.
 
     Args:
       directory: where step folders go (the run's ``workdir/checkpoints``).
       keep: how many of the latest checkpoints to keep.
-      best_metric: a key of the `metrics` given to `save`; the checkpoint with the
-        best value so far is kept as well (None: keep only the latest).
+      best_metric: a key of the `metrics` given to `save`; the `keep_best`
+        checkpoints with the best values so far are kept as well (None: keep only
+        the latest).
       best_mode: 'max' or 'min', which value of `best_metric` is best.
+      keep_best: how many of the best checkpoints to keep (with `best_metric`).
     """
 
     def __init__(
@@ -135,22 +164,23 @@ class Checkpointer:
         keep: int = 3,
         best_metric: str | None = None,
         best_mode: str = "max",
+        keep_best: int = 1,
     ):
         if keep < 1:
             raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
         if best_mode not in BEST_MODES:
             raise ValueError(f"Checkpointer: best_mode must be in {BEST_MODES}, got {best_mode!r}")
-        self.directory = os.fspath(directory)
+        if best_metric is not None and keep_best < 1:
+            raise ValueError(
+                f"config.keep_best={keep_best} must be at least 1 when config.best_metric is set"
+            )
+        self.directory = paths.resolve(directory)  # orbax needs an absolute path or a URL
         self.best_metric = best_metric
         self._sign = 1.0 if best_mode == "max" else -1.0
         self._warned_missing_metric = False
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if best_metric is not None:
-            policies.append(
-                ocp.checkpoint_managers.BestN(
-                    get_metric_fn=self._rank, n=1, keep_checkpoints_without_metrics=False
-                )
-            )
+            policies.append(BestRanked(rank=self._rank, n=keep_best))
         # best_fn also makes orbax write the metrics with each step (and read them on restart).
         options = ocp.CheckpointManagerOptions(
             best_fn=self._rank if best_metric is not None else None,
@@ -184,12 +214,13 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def best_step(self) -> int | None:
-        """The step with the best `best_metric` (None without a best metric or any value)."""
+        """The step with the best `best_metric`, the later one on ties (None without a
+        best metric or any value)."""
         if self.best_metric is None:
             return None
         ranked = {s: self._rank(self._manager.metadata(s).metrics or {}) for s in self.all_steps()}
         ranked = {s: r for s, r in ranked.items() if r > -math.inf}
-        return max(ranked, key=ranked.get) if ranked else None
+        return max(ranked, key=lambda s: (ranked[s], s)) if ranked else None
 
     def save(
         self,
@@ -268,16 +299,7 @@ class Checkpointer:
                 "Checkpointer.restore: abstract_state leaves need a sharding "
                 f"(jax.ShapeDtypeStruct(..., sharding=...)); missing for: {unsharded}"
             )
-        saved = _named_leaves(self._manager.item_metadata(step)[STATE_ITEM].tree)
-        missing, shapes = _mismatches(saved, wanted)
-        unexpected = sorted(set(saved) - set(wanted))
-        if missing or shapes or unexpected:
-            raise ValueError(
-                f"checkpoint {self.directory} step {step} does not match the state to restore:"
-                + (f"\n  missing from the checkpoint: {missing}" if missing else "")
-                + (f"\n  not in the state to restore: {unexpected}" if unexpected else "")
-                + (f"\n  shape mismatches: {shapes}" if shapes else "")
-            )
+        _check_state_matches(self._manager, self.directory, step, wanted)
         args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             if not (epath.Path(self.directory) / str(step) / DATA_ITEM).exists():
@@ -357,10 +379,59 @@ class PreemptionGuard:
             signal.raise_signal(signum)
 
 
+def _check_state_matches(
+    manager: ocp.CheckpointManager, directory: str, step: int, wanted: Mapping[str, Any]
+) -> None:
+    """A ValueError listing every leaf of `wanted` that checkpoint `step` lacks or shapes
+    differently, and every saved leaf that `wanted` lacks."""
+    saved = _named_leaves(manager.item_metadata(step)[STATE_ITEM].tree)
+    missing, shapes = _mismatches(saved, wanted)
+    unexpected = sorted(set(saved) - set(wanted))
+    if missing or shapes or unexpected:
+        raise ValueError(
+            f"checkpoint {directory} step {step} does not match the state to restore:"
+            + (f"\n  missing from the checkpoint: {missing}" if missing else "")
+            + (f"\n  not in the state to restore: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches: {shapes}" if shapes else "")
+        )
+
+
+def _read_only(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+
+
+def latest_step(directory: str) -> int | None:
+    """The latest complete checkpoint in `directory`, read without writing anything there
+    (None when the folder or a complete checkpoint is missing)."""
+    directory = paths.resolve(directory)
+    if not epath.Path(directory).exists():
+        return None
+    manager = _read_only(directory)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def check_matches(directory: str, step: int, abstract_state: Any) -> None:
+    """Checks, reading only metadata, that checkpoint `step` in `directory` has exactly the
+    leaves and shapes of `abstract_state`; a ValueError lists every difference."""
+    directory = paths.resolve(directory)
+    manager = _read_only(directory)
+    try:
+        _check_state_matches(manager, directory, step, _named_leaves(abstract_state))
+    finally:
+        manager.close()
+
+
 def _checkpoints_dir(path: str) -> str:
     """`path` itself, or `path/checkpoints` when `path` is a run's workdir."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
+    nested = epath.Path(path) / "checkpoints"
+    return os.fspath(nested) if nested.is_dir() else path
 
 
 def load_subset(
@@ -380,8 +451,8 @@ def load_subset(
     selected arrays are read. A ValueError names every selected weight missing
     from the checkpoint and every shape mismatch.
     """
-    directory = _checkpoints_dir(os.fspath(checkpoint_dir_or_workdir))
-    if not os.path.isdir(directory):
+    directory = _checkpoints_dir(paths.resolve(checkpoint_dir_or_workdir))
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"load_subset: no checkpoint directory at {directory}")
     manager = ocp.CheckpointManager(
         directory,

@@ -1,8 +1,10 @@
 """Command line: video and report embeddings of a prepared split, for downstream probes.
 
 Usage:
-  python -m deepcoro_jax.export --workdir DIR --data PREPARED --split S --out FILE.npz
-      [--checkpoint STEP] [--batch_size 32]
+  python -m deepcoro_jax.export --workdir DIR --split S --out FILE.npz
+      [--data PREPARED] [--checkpoint STEP] [--batch_size 32]
+
+``--data`` defaults to the prepared dataset the run trained on.
 
 Writes one ``.npz`` with a row per video of the split, every video exactly
 once, ordered by manifest row:
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from deepcoro_jax import inference
+from deepcoro_jax import console, inference, paths
 from deepcoro_jax.inference import positive_int
 
 TEXT_KEYS = ("study_id", "path", "report")
@@ -91,23 +93,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Video and report embeddings of a prepared split, as one .npz.",
     )
     parser.add_argument("--workdir", required=True, help="the trained run's workdir")
-    parser.add_argument("--data", required=True, help="a prepared dataset folder")
+    parser.add_argument("--data", help="a prepared dataset folder (default: the run's own)")
     parser.add_argument("--split", required=True, help="the split to embed, e.g. test")
     parser.add_argument("--out", required=True, help="the .npz file to write")
     parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="clips per batch")
+    parser.add_argument("--verbose", action="store_true", help="library log lines too")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
+    args.data = paths.resolve(args.data) if args.data else None
+    if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
+        console.start(verbose=args.verbose)
+        console.attach(args.workdir)
+    else:
+        logging.basicConfig(level=logging.WARNING)
     if not args.out.endswith(".npz"):
-        print(f"{parser.prog}: error: --out {args.out} must end with .npz", file=sys.stderr)
+        print(f"{parser.prog}: error: --out {args.out} must end with .npz", file=console.terminal())
         return 2
     try:
         run = inference.load_run(args.workdir, args.checkpoint)
-        arrays = export_embeddings(run, args.data, args.split, args.batch_size)
+        arrays = export_embeddings(run, args.data or run.data_dir, args.split, args.batch_size)
     except (OSError, ValueError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=console.terminal())
         return 2
-    np.savez(args.out, **arrays)
+    with paths.Path(args.out).open("wb") as f:
+        np.savez(f, **arrays)
     num_videos, width = arrays["video_emb"].shape
     print(
         f"wrote {args.out}: {num_videos} videos of split {args.split!r}, embeddings of width "

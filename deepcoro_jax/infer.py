@@ -15,8 +15,8 @@ the decoder's cross-attention per sentence as ``OUTDIR/<NNN>_<name>.png`` and
 ``.gif`` (``attention_maps``). ``--json`` prints one JSON object per file.
 
 A file is decoded exactly as ``prepare`` decoded the training videos
-(``video_io.load_video`` at the dataset's frame size and ``--max_frames``,
-frames encoded in its frame format and JPEG quality, all read from the
+(``video_io.load_video`` at the dataset's frame size, ``--max_frames`` and
+``--fps``, frames encoded in its frame format and JPEG quality, all read from the
 dataset's metadata) and turned into a clip by the run's eval pp
 (``input.eval_video_pp``: ``ops`` on an in-memory example).
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from deepcoro_jax import attention_maps, inference, reports
+from deepcoro_jax import attention_maps, console, inference, paths, reports
 from deepcoro_jax.inference import positive_int
 
 FILES_PER_CHUNK = 16  # clips held in memory at once
@@ -61,7 +62,7 @@ def make_clip_loader(run: inference.Run) -> Callable[[str], np.ndarray]:
     )
 
     def load(path: str) -> np.ndarray:
-        decoded = video_io.load_video(path, meta.size, meta.max_frames)
+        decoded = video_io.load_video(path, meta.size, meta.max_frames, meta.fps)
         frames = video_io.encode_frames(decoded.frames, meta.frame_format, meta.jpeg_quality)
         example = {
             "frames": tf.constant(frames),
@@ -82,18 +83,18 @@ def _split_reports(run: inference.Run) -> list[str]:
 
 
 def _csv_reports(path: str) -> list[str]:
-    if not os.path.isfile(path):
+    path = paths.Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"--bank {path} does not exist")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        separator = "α" if "α" in f.readline() else ","
-        f.seek(0)
-        reader = csv.DictReader(f, delimiter=separator)
-        columns = [c for c in reader.fieldnames or () if c.strip().lower() == BANK_COLUMN]
-        if not columns:
-            raise ValueError(
-                f"--bank {path} has no {BANK_COLUMN!r} column; its columns: {reader.fieldnames}"
-            )
-        return [(row[columns[0]] or "").strip() for row in reader]
+    text = path.read_bytes().decode("utf-8-sig")
+    separator = "α" if "α" in text.partition("\n")[0] else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
+    columns = [c for c in reader.fieldnames or () if c.strip().lower() == BANK_COLUMN]
+    if not columns:
+        raise ValueError(
+            f"--bank {path} has no {BANK_COLUMN!r} column; its columns: {reader.fieldnames}"
+        )
+    return [(row[columns[0]] or "").strip() for row in reader]
 
 
 def load_bank(run: inference.Run, csv_path: str | None) -> list[str]:
@@ -160,7 +161,7 @@ def _print_error(path: str, reason: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"file": path, "error": reason}), flush=True)
     else:
-        print(f"skipped {path}: {reason}", file=sys.stderr, flush=True)
+        print(f"skipped {path}: {reason}", file=console.terminal(), flush=True)
 
 
 def _attention_files(
@@ -242,18 +243,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--attention", metavar="OUTDIR", help="write attention maps here")
     parser.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy)")
     parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, AVI, MP4 or .npy")
+    parser.add_argument("--verbose", action="store_true", help="library log lines too")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    for name in ("workdir", "bank", "attention"):
+        setattr(args, name, paths.resolve(getattr(args, name)) if getattr(args, name) else None)
+    args.files = [paths.resolve(f) for f in args.files]
+    if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
+        console.start(verbose=args.verbose)
+        console.attach(args.workdir)
+    else:
+        logging.basicConfig(level=logging.WARNING)
     try:
         run = inference.load_run(args.workdir, args.checkpoint)
         if not args.json:
             print(f"run {args.workdir}, checkpoint {run.step}", flush=True)
         processed = run_files(run, args.files, args)
     except (OSError, ValueError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=console.terminal())
         return 2
     if not processed:
-        print(f"{parser.prog}: no file could be processed", file=sys.stderr)
+        print(f"{parser.prog}: no file could be processed", file=console.terminal())
         return 1
     return 0
 

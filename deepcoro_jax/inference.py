@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -34,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from deepcoro_jax import checkpoint, sharding, tokenizers, train
+from deepcoro_jax import checkpoint, paths, sharding, tokenizers, train
 from deepcoro_jax.models import multitask
 
 CONFIG_FILE = "config.json"
@@ -85,22 +84,21 @@ def eval_video_pp(config: ml_collections.ConfigDict) -> str:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's config, read from ``workdir/config.json`` (written by the trainer)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = paths.Path(workdir) / CONFIG_FILE
+    if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {workdir} is not a run's workdir (launch.py writes {CONFIG_FILE})"
         )
-    with open(path) as f:
-        try:
-            return ml_collections.ConfigDict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def checkpoint_step(workdir: str, step: int | None) -> int:
     """`step` if ``workdir/checkpoints`` holds it, else (None) the latest complete one."""
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
+    directory = paths.Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
         raise FileNotFoundError(f"{directory} not found: the run has no checkpoints")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(manager.all_steps())
@@ -146,6 +144,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
             f"inference runs in one process; this is process {jax.process_index()} of "
             f"{jax.process_count()}"
         )
+    workdir = paths.resolve(workdir)
     config = load_config(workdir)
     step = checkpoint_step(workdir, step)
     data_dir = data_cache.resolve_data_dir(config.input)

@@ -49,6 +49,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from deepcoro_jax import paths
+
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OUT = os.path.join("plots", "training_curves.png")
 HEADLINE_METRICS = (
@@ -94,10 +96,10 @@ def read_metrics(path: str) -> list[dict[str, float]]:
     are skipped, with a note on stderr. A complete record that is not an object
     with a numeric 'step' and numeric values is an error naming the line.
     """
-    if not os.path.isfile(path):
+    if not paths.Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file (is the folder a training run's workdir?)")
     records, cut_lines = [], []
-    with open(path) as f:
+    with paths.Path(path).open() as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -229,8 +231,9 @@ def draw(panels: Sequence[Panel], out: str, title: str) -> Figure:
             handles += _draw_series(twin, panel.right, panel.markers, "--", len(panel.left))
         axis.grid(alpha=0.3)
         axis.legend(handles=handles, fontsize="small")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    figure.savefig(out, dpi=100)
+    paths.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with paths.Path(out).open("wb") as f:
+        figure.savefig(f, dpi=100, format="png")
     return figure
 
 
@@ -255,9 +258,10 @@ def _draw_series(
 
 def plot_run(workdir: str, out: str | None = None, eval_metrics: str = HEADLINE_METRICS) -> str:
     """Reads ``workdir/metrics.jsonl``, writes its training curves; returns the PNG's path."""
+    workdir = paths.resolve(workdir)
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
-    out = out or os.path.join(workdir, DEFAULT_OUT)
-    draw(curve_panels(records, eval_metrics), out, os.path.abspath(workdir))
+    out = paths.resolve(out or os.path.join(workdir, DEFAULT_OUT))
+    draw(curve_panels(records, eval_metrics), out, workdir)
     return out
 
 

@@ -1,6 +1,8 @@
 """Tokenizers for reports: SentencePiece (trained on the reports) and WordPiece.
 
-Everything loads from local files; nothing is downloaded. A tokenizer is named
+Everything loads from files a run names: local, or a SentencePiece model under a
+URL such as ``gs://`` (read through `etils.epath`); nothing is downloaded from a
+model hub. A tokenizer is named
 by a spec string, so configs can say which one to use:
 
 - ``sp:/path/to/spm.model``: a SentencePiece model (``prepare`` trains one on the
@@ -22,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
+from etils import epath
 
 # Special ids of the SentencePiece models that `train_sentencepiece` writes.
 SP_PAD_ID, SP_UNK_ID, SP_BOS_ID, SP_EOS_ID = 0, 1, 2, 3
@@ -61,10 +64,11 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str):
         import sentencepiece as spm
 
-        if not os.path.isfile(model_path):
+        model_file = epath.Path(model_path)  # a local file or a URL (gs://...)
+        if not model_file.is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
         self.model_path = model_path
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        self._sp = spm.SentencePieceProcessor(model_proto=model_file.read_bytes())
         self.vocab_size = int(self._sp.get_piece_size())
         self.pad_id = int(self._sp.pad_id())
         self.bos_id = int(self._sp.bos_id())

@@ -1,8 +1,11 @@
 """The trainer: one readable loop from config to checkpoints, on 1 CPU or a pod.
 
-`main(config, workdir)` reads top to bottom in sections: logging; mesh; input;
-durations; model and optimizer; the train state, created already sharded; the
-jitted train step; restore (or init from another run); the loop. The functions
+`main(config, workdir)` reads top to bottom in sections: paths; mesh; input;
+durations; model and optimizer; the train state's shapes and shardings; the
+jitted train step; the checkpoint to resume from, checked against the state;
+the step compiled and checked to fit in memory; the state, restored or
+initialised (or from another run); evaluators; only then the workdir (config,
+log); the loop. The functions
 above `main` are what those sections call, and what the benchmarks and tests
 reuse: `build_model`, `make_optimizer`, `create_train_state`,
 `state_shardings`, `make_train_step`, `resolve_steps`, `check_finite`. They
@@ -37,11 +40,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepcoro_jax import checkpoint, losses, optim, sharding
+from deepcoro_jax import checkpoint, console, losses, memory, optim, paths, sharding
 from deepcoro_jax.models import multitask
 from deepcoro_jax.models import mvm as mvm_lib
 
 LOSS_TERMS = ("contrastive", "caption", "mvm", "distill")
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
 DURATION_UNITS = ("steps", "examples", "epochs", "percent")  # in order of precedence
 MODES = ("train", "eval")
 # Nominal dense bf16 matmul peaks (FLOP/s) by exact `device_kind`, for the logged MFU.
@@ -443,13 +448,13 @@ class JsonlWriter:
     """
 
     def __init__(self, path: str, start_step: int):
+        path = paths.Path(path)  # a local file or a URL (gs://...)
         kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if _logged_step(line) <= start_step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-        self._file = open(path, "a")  # noqa: SIM115  (kept open for the run)
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= start_step]
+        path.write_text("".join(kept))
+        self._file = path.open("a")  # kept open for the run
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
@@ -483,6 +488,11 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     that step is saved, so the best checkpoint can be chosen by their metrics.
     mode='eval' runs every evaluator once on the latest checkpoint, logs the
     results at its step and returns them, without training.
+
+    Nothing is written to `workdir` before the config, the data, a checkpoint to
+    resume from and the compiled step's memory have been checked: a bad override
+    or a mismatched checkpoint leaves the workdir as it was. A SIGTERM or SIGINT
+    stops the loop at the step during which it came, which is saved first.
     """
     from clu import metric_writers
 
@@ -498,12 +508,11 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         if config[name] < 1:
             raise ValueError(f"config.{name}={config[name]} must be at least 1")
 
-    # ---------------------------------------------------------------- logging
-    os.makedirs(workdir, exist_ok=True)
+    # ------------------------------------------------------------------ paths
+    # Resolved once here: nothing below (nor orbax's threads) sees a relative path.
+    workdir = paths.resolve(workdir)
+    config = paths.resolve_config(config)
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     logging.info(
         "devices: %d (%d local) on %d processes",
         jax.device_count(),
@@ -595,27 +604,53 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+    abstract_sharded = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings
+    )
 
-    # ---------------------------------------------------------------- restore
+    # --------------------------------------- restore (checked before anything is written)
     best_name, _, best_mode = config.best_metric.partition(":")
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+    checkpoint_options = dict(
         keep=config.keep_ckpts,
+        keep_best=config.keep_best,
         best_metric=best_name or None,
         best_mode=best_mode or "max",
     )
-    if mode == "eval" and ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(f"mode='eval': no checkpoint in {workdir}/checkpoints")
-    if ckpt.latest_step() is not None:
-        abstract_sharded = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            abstract_state,
-            shardings,
-        )
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    resume_step = checkpoint.latest_step(checkpoint_dir)
+    if mode == "eval" and resume_step is None:
+        raise FileNotFoundError(f"mode='eval': no checkpoint in {checkpoint_dir}")
+    if resume_step is not None:
+        checkpoint.check_matches(checkpoint_dir, resume_step, abstract_sharded)
+
+    # ----------------------------------------- compile, and check that the step fits
+    compiled_step = None
+    if mode == "train":
+        if is_main:
+            print("compiling the train step...", flush=True)
+        compile_start = time.perf_counter()
+        abstract_batch = {
+            k: jax.ShapeDtypeStruct(
+                (global_batch, *s.shape[1:]), s.dtype, sharding=sharding.batch_sharding(mesh)
+            )
+            for k, s in example_batch.items()
+        }
+        compiled_step = train_step.lower(abstract_sharded, abstract_batch).compile()
+        step_memory = memory.check_fits(compiled_step, jax.local_devices(), what="the train step")
+        if is_main:
+            print(
+                f"compiled in {time.perf_counter() - compile_start:.1f} s; "
+                f"{memory.describe(step_memory)}",
+                flush=True,
+            )
+
+    # ----------------------------------------------------------- state
+    ckpt = None
+    if resume_step is not None:
+        ckpt = checkpoint.Checkpointer(checkpoint_dir, **checkpoint_options)
         data_iterator = train_iter if mode == "train" else None
-        state = ckpt.restore(abstract_sharded, data_iterator=data_iterator)
-        logging.info("restored step %d", int(jax.device_get(state.step)))
+        state = ckpt.restore(abstract_sharded, step=resume_step, data_iterator=data_iterator)
+        logging.info("restored step %d", resume_step)
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
         state = _initial_weights(state, config, shardings)
@@ -631,10 +666,21 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         caption_tokenizer_spec=caption_spec,
     )
     evaluators = eval_common.build_evaluators(config.evals, eval_ctx)
+    if mode == "eval" and not evaluators:
+        raise ValueError(f"mode='eval': every evaluator of config.evals left out for {data_dir}")
+
+    # ------------------------------------------------------------------ the workdir
+    # Everything above checked the config, the data and the checkpoint: now write.
+    if is_main:
+        console.attach(workdir)
+        paths.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (paths.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    if ckpt is None:
+        ckpt = checkpoint.Checkpointer(checkpoint_dir, **checkpoint_options)
 
     # ------------------------------------------------------------------- loop
     step = first_step = int(jax.device_get(state.step))
-    writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), first_step) if is_main else None
+    writer = JsonlWriter(os.path.join(workdir, METRICS_FILE), first_step) if is_main else None
     tb_writer = metric_writers.create_default_writer(
         workdir, just_logging=not is_main, asynchronous=False
     )
@@ -672,11 +718,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
             tb_writer.close()
             return results
 
-    def fetch_checked(metrics_step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(values, metrics_step)
-        return values
-
+    window_start = time.perf_counter()  # the first ETA counts neither compilation nor evals
     try:
         with checkpoint.PreemptionGuard() as guard, jax.transfer_guard("disallow"):
             while step < total_steps:
@@ -685,18 +727,18 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                 data_wait += time.perf_counter() - wait_start
                 with jax.transfer_guard_host_to_device("allow"):  # the one deliberate copy
                     batch = pipeline.global_batch(local_batch, mesh, sharding.DATA_AXES)
-                state, metrics = train_step(state, batch)
+                state, metrics = compiled_step(state, batch)
                 step += 1
                 if pending is not None:
-                    last = fetch_checked(*pending)
+                    last = fetch_metrics(*pending)
                     pending = None
-                save_now = step % config.ckpt_steps == 0 or step == total_steps or guard.requested
+                save_due = step % config.ckpt_steps == 0 or step == total_steps
                 due = [e for e in evaluators if e.due(step, total_steps)]
                 log_now = step % config.log_training_steps == 0 or step in (1, total_steps) or due
-                if not (save_now or log_now):
+                if not (save_due or log_now or guard.requested):
                     pending = (step, metrics)
                     continue
-                last = fetch_checked(step, metrics)
+                last = fetch_metrics(step, metrics)
                 step_results = evaluate(due) if due else {}
                 if log_now:
                     seconds = (time.perf_counter() - window_start) / (step - window_step)
@@ -720,10 +762,18 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                         flush=True,
                     )
                     data_wait, window_start, window_step = 0.0, time.perf_counter(), step
-                if save_now:
+                # Read once, after everything above that waits (the fetch, the evaluators):
+                # a signal that came during any of it stops at this step, which is saved.
+                stop = guard.requested
+                if save_due or stop:
                     ckpt.save(step, state, data_iterator=train_iter, metrics={**last, **evaluated})
-                if guard.requested:
-                    logging.warning("stop requested: saved step %d, exiting", step)
+                if stop:
+                    ckpt.wait()
+                    if step not in ckpt.all_steps():
+                        raise RuntimeError(f"stop requested: the checkpoint of step {step} failed")
+                    logging.warning(
+                        "stop requested: saved step %d in %s, exiting", step, checkpoint_dir
+                    )
                     break
     finally:
         ckpt.close()
@@ -732,6 +782,13 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         tb_writer.close()
     logging.info("trained steps %d..%d", first_step, step)
     return {**last, **evaluated}
+
+
+def fetch_metrics(step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    """A step's metrics on the host, checked finite: the loop's one wait for the device."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    check_finite(values, step)
+    return values
 
 
 def run_evaluators(evaluators: list, params: Any, step: int) -> dict[str, float]:

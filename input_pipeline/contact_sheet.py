@@ -8,6 +8,7 @@ Resolves the data exactly as the trainer does (the prepared folder of
 use), runs the config's training pp string over one epoch of the train split,
 prints its throughput, and draws a few frames of a few augmented clips with
 their report text. A quick look that the data path works before training.
+Library log lines go to ``log.txt`` beside the PNG (``--verbose``: the terminal).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from deepcoro_jax import console, paths
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, as for launch.py")
 _OUT = flags.DEFINE_string("out", "contact_sheet.png", "Where the PNG goes.")
 _VIDEOS = flags.DEFINE_integer("videos", 4, "Clips on the sheet.")
 _FRAMES = flags.DEFINE_integer("frames", 6, "Frames per clip on the sheet.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show every library log line on the terminal.")
 flags.mark_flag_as_required("config")
 
 
@@ -56,16 +60,26 @@ def draw(videos: np.ndarray, reports: list[str], path: str, num_frames: int) -> 
             fontsize=6,
         )
     fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.05, hspace=0.7, wspace=0.05)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    paths.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with paths.Path(path).open("wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
 def main(argv: list[str]) -> None:
     del argv
+    out = paths.resolve(_OUT.value)
+    console.start(verbose=_VERBOSE.value)
+    try:
+        _contact_sheet(paths.resolve_config(_CONFIG.value), out)
+    except Exception as e:  # one line on the terminal, the traceback in the log
+        sys.exit(console.fatal(e))
+
+
+def _contact_sheet(config, out: str) -> None:
     from input_pipeline import data_cache, dataset_format, pipeline
 
-    config = _CONFIG.value
+    console.attach(os.path.dirname(out))
     data_dir = data_cache.resolve_data_dir(config.input)
     batch_size = config.input.batch_size
     pp = f"{config.input.video_pp}|keep('video', 'frame_mask', 'report')"
@@ -92,8 +106,8 @@ def main(argv: list[str]) -> None:
     )
     count = min(_VIDEOS.value, batch_size)
     reports = [r.decode() for r in first["report"][:count]]
-    draw(first["video"][:count], reports, _OUT.value, _FRAMES.value)
-    print(f"contact sheet: {_OUT.value}")
+    draw(first["video"][:count], reports, out, _FRAMES.value)
+    print(f"contact sheet: {out}")
 
 
 if __name__ == "__main__":

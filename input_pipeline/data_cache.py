@@ -8,7 +8,6 @@ data of its own; the synthetic path runs through the real `prepare`.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
@@ -62,7 +61,11 @@ def ensure_synthetic(
         return prepared
     source = os.path.join(root, "source")
     shutil.rmtree(source, ignore_errors=True)  # a run interrupted while generating
-    logging.info("generating %d synthetic studies into %s", options["num_studies"], source)
+    print(
+        f"generating {options['num_studies']} synthetic studies into {source} "
+        "(once: later runs reuse them)",
+        flush=True,
+    )
     workers = max(1, os.cpu_count() or 1)
     manifest = synthetic.generate(
         source,

@@ -274,6 +274,58 @@ def test_best_by_minimum_and_latest_only(tmp_path):
         checkpoint.Checkpointer(str(tmp_path / "bad"), best_metric="loss", best_mode="lowest")
 
 
+# Step -> the tracked metric (NaN: not finite, None: not among the saved metrics).
+RANKED_VALUES = {
+    1: 0.5,
+    2: 0.9,
+    3: 0.1,
+    4: 0.7,
+    5: math.nan,
+    6: 0.8,
+    7: 0.2,
+    8: None,
+    9: 0.3,
+    10: 0.6,
+}
+
+
+@pytest.mark.parametrize(
+    "mode, keep, keep_best, survivors",
+    [
+        ("max", 2, 3, [2, 4, 6, 9, 10]),  # the last two + 0.9, 0.8, 0.7
+        ("min", 1, 2, [3, 7, 10]),  # the last one + 0.1, 0.2
+        ("min", 2, 3, [3, 7, 9, 10]),  # the last two + 0.1, 0.2, 0.3 (step 9, also last)
+    ],
+)
+def test_keeps_the_last_keep_ckpts_and_the_best_keep_best(
+    tmp_path, mode, keep, keep_best, survivors
+):
+    ckpt = checkpoint.Checkpointer(
+        str(tmp_path), keep=keep, best_metric="val/acc", best_mode=mode, keep_best=keep_best
+    )
+    for step, value in RANKED_VALUES.items():
+        metrics = {"loss": 1.0} if value is None else {"val/acc": value, "loss": 1.0}
+        assert ckpt.save(step, _tiny_state(step), metrics=metrics)
+    ckpt.wait()
+    assert ckpt.all_steps() == survivors
+    assert ckpt.best_step() == (2 if mode == "max" else 3)
+    ckpt.close()
+
+
+def test_steps_without_the_metric_are_never_among_the_best(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, best_metric="val/acc", keep_best=3)
+    for step, metrics in enumerate(
+        [{"loss": 1.0}, {"val/acc": math.nan}, {"val/acc": 0.5}, {"loss": 1.0}], start=1
+    ):
+        ckpt.save(step, _tiny_state(step), metrics=metrics)
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 4]  # fewer ranked steps than keep_best: no others kept
+    ckpt.close()
+    with pytest.raises(ValueError, match="config.keep_best=0 must be at least 1"):
+        checkpoint.Checkpointer(str(tmp_path / "bad"), best_metric="val/acc", keep_best=0)
+    checkpoint.Checkpointer(str(tmp_path / "latest_only"), keep_best=0).close()  # not used
+
+
 def _run_child(script: str, tmp_path) -> subprocess.Popen:
     path = tmp_path / "child.py"
     path.write_text(textwrap.dedent(script))

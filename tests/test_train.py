@@ -14,11 +14,10 @@ is tested in-process on the train step itself.
 import json
 import os
 import re
-import signal
+import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -188,6 +187,11 @@ def _saved_state(workdir: Path, step: int) -> dict:
         return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
+def _step_lines(stdout: str) -> list[str]:
+    """The progress lines of a run's stdout (after its compile lines)."""
+    return [line for line in stdout.splitlines() if line.startswith("step ")]
+
+
 def _printed_steps(proc: subprocess.Popen) -> list[int]:
     """The steps a running launch.py has printed its progress line for."""
     text = Path(proc.files[0].name).read_text()
@@ -200,24 +204,6 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the event"
         assert time.monotonic() < deadline, "timed out waiting for the run"
         time.sleep(0.02)
-
-
-def _signal_after(proc: subprocess.Popen, step: int, signum: int) -> dict:
-    """Sends `signum` once the run has printed `step`, from a thread; returns a dict that
-    gets 'seen', the last step printed before the signal went."""
-    sent = {}
-
-    def watch():
-        while proc.poll() is None:
-            printed = _printed_steps(proc)
-            if printed and printed[-1] >= step:
-                sent["seen"] = printed[-1]
-                proc.send_signal(signum)
-                return
-            time.sleep(0.02)
-
-    threading.Thread(target=watch, daemon=True).start()
-    return sent
 
 
 def _free_port() -> int:
@@ -285,17 +271,51 @@ def reference(setup, runs):
     return setup["root"] / "reference", _succeeded(runs["reference"])
 
 
+# SIGTERM raised inside the loop's wait for the device (the fetch of a step's metrics),
+# where a real signal nearly always lands: deterministic, unlike a signal sent by timing.
+SIGTERM_IN_FETCH = """
+import runpy, signal, sys
+from deepcoro_jax import train
+
+original_fetch = train.fetch_metrics
+
+def fetch_then_signal(step, metrics):
+    values = original_fetch(step, metrics)
+    if step == 3:
+        signal.raise_signal(signal.SIGTERM)
+    return values
+
+train.fetch_metrics = fetch_then_signal
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.fixture(scope="module")
 def cached_runs(setup, reference):
-    """Single-device runs started once the compiled step is cached, side by side: a run
-    stopped by SIGTERM after its step 3, and a run fed a NaN video at step 3."""
+    """Single-device runs started once the compiled step is cached, side by side: runs
+    that get SIGTERM while fetching step 3's metrics (logged every step, so fetched at
+    step 3; or rarely, so fetched late, at step 4), and a run fed a NaN video at step 3."""
     root = setup["root"]
-    stopped = _start(setup, root / "sigterm", {"total_steps": 1000})
-    seen = _signal_after(stopped, 3, signal.SIGTERM)
-    nan_overrides = {"total_steps": 6, "ckpt_steps": 2, "log_training_steps": 4}
-    poisoned = _start(setup, root / "nan", nan_overrides, python_code=POISON)
-    yield {"sigterm": (stopped, seen), "nan": poisoned}
-    for proc in (stopped, poisoned):
+    started = {
+        "sigterm": _start(
+            setup, root / "sigterm", {"total_steps": 1000}, python_code=SIGTERM_IN_FETCH
+        ),
+        "sigterm_pending": _start(
+            setup,
+            root / "sigterm_pending",
+            {"total_steps": 1000, "log_training_steps": 1000},
+            python_code=SIGTERM_IN_FETCH,
+        ),
+        "nan": _start(
+            setup,
+            root / "nan",
+            {"total_steps": 6, "ckpt_steps": 2, "log_training_steps": 4},
+            python_code=POISON,
+        ),
+    }
+    yield started
+    for proc in started.values():
         if proc.poll() is None:
             proc.kill()
 
@@ -324,7 +344,23 @@ def test_bad_overrides_are_named_errors(setup, tmp_path):
         )
         assert result.returncode != 0
         assert message in result.stderr, result.stderr[-2000:]
-        assert not (tmp_path / "checkpoints").exists()
+        assert not list(tmp_path.iterdir()), "a bad override wrote to the workdir"
+
+
+@pytest.mark.slow
+def test_a_mismatched_resume_leaves_the_workdir_as_it_was(setup, reference, tmp_path):
+    """Resuming the reference run's checkpoint with a wider embedding stops before
+    anything is written, with one line naming the mismatch."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    rc, out, err = _finish(_start(setup, workdir, {"model.embed_dim": 48}))
+    assert rc == 1
+    assert err.startswith("error: ValueError: checkpoint ") and "does not match" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "compiling" not in out
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
 
 
 # ------------------------------------------------------------------ gradient accumulation
@@ -516,8 +552,8 @@ def test_resume_in_new_processes_matches_the_straight_run(reference, interrupted
     relative and weights by up to 9e-7, except KEY_BIAS. Allowed: 3e-6 and 1e-5.
     """
     workdir, printed, _ = interrupted
-    assert printed["first"].splitlines()[-1].startswith(f"step {TOTAL // 2}/{TOTAL // 2}")
-    assert printed["killed"].splitlines()[0].startswith(f"step {TOTAL // 2 + 1}/{TOTAL}")
+    assert _step_lines(printed["first"])[-1].startswith(f"step {TOTAL // 2}/{TOTAL // 2}")
+    assert _step_lines(printed["killed"])[0].startswith(f"step {TOTAL // 2 + 1}/{TOTAL}")
     metrics, reference_metrics = _metrics(workdir), _metrics(reference[0])
     assert metrics.keys() == reference_metrics.keys()
     for step, expected in reference_metrics.items():
@@ -544,34 +580,40 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(interrupted):
     workdir, printed, resumed_from = interrupted
     killed_steps = [int(s) for s in re.findall(r"^step (\d+)/", printed["killed"], re.M)]
     assert TOTAL // 2 + 4 <= resumed_from <= max(killed_steps) < TOTAL
-    assert printed["last"].splitlines()[0].startswith(f"step {resumed_from + 1}/{TOTAL}")
+    assert _step_lines(printed["last"])[0].startswith(f"step {resumed_from + 1}/{TOTAL}")
     assert not list((workdir / "checkpoints").glob("*tmp*")), "a partial checkpoint was left"
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_0(setup, cached_runs):
-    stopped, sent = cached_runs["sigterm"]
-    rc, _, err = _finish(stopped)
+@pytest.mark.parametrize(("run", "stop_step"), [("sigterm", 3), ("sigterm_pending", 4)])
+def test_sigterm_saves_the_step_it_stops_at_and_exits_0(setup, cached_runs, run, stop_step):
+    """The signal lands while the loop waits for step 3's metrics: fetched at step 3 when
+    every step is logged, at step 4 (with step 4 running) otherwise. The run saves the
+    step it stops at, says so, and trains no further."""
+    rc, _, err = _finish(cached_runs[run])
     assert rc == 0, err[-3000:]
-    workdir = setup["root"] / "sigterm"
-    # It saved the step it was on when the signal came, and trained no further.
-    saved = _checkpoints(workdir)
-    assert len(saved) == 1 and sent["seen"] <= saved[0] < 1000, (sent, saved)
-    assert max(_metrics(workdir)) == saved[0]
+    workdir = setup["root"] / run
+    assert _checkpoints(workdir) == [stop_step]
+    assert f"warning: stop requested: saved step {stop_step} in " in err, err[-3000:]
+    assert max(_metrics(workdir)) == (stop_step if run == "sigterm" else 1)
 
 
 @pytest.mark.slow
 def test_nan_in_a_batch_stops_with_the_term_and_step(setup, cached_runs):
-    """A NaN video at step 3 (neither logged nor saved): the error names the terms and
-    the step, and no checkpoint of that state (or after it) is written."""
+    """A NaN video at step 3 (neither logged nor saved): the one error line names the
+    terms and the step, the traceback is in the log, and no checkpoint of that state (or
+    after it) is written."""
     rc, _, err = _finish(cached_runs["nan"])
     assert rc != 0
-    found = re.search(r"^deepcoro_jax.train.NonFiniteError: (.*)$", err, re.M)
+    found = re.search(r"^error: NonFiniteError: (.*) \(traceback in (.*)\)$", err, re.M)
     assert found, err[-3000:]
     assert found.group(1).startswith("non-finite training at step 3:")
     for term in LOSS_KEYS:
         assert f"{term} = nan" in found.group(1)
+    assert len(err.strip().splitlines()) == 1, err
     workdir = setup["root"] / "nan"
+    assert Path(found.group(2)) == workdir / "log.txt"
+    assert "deepcoro_jax.train.NonFiniteError" in (workdir / "log.txt").read_text()
     assert _checkpoints(workdir) == [2]
     assert sorted(_metrics(workdir)) == [1]
 

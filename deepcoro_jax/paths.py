@@ -1,0 +1,71 @@
+"""Paths as users type them, resolved once where they enter; URLs left as they are.
+
+Every path a user gives (a flag, a config field, a config argument) goes
+through `resolve` at the entry point (`launch.py`, `train.main`, the tools'
+``main``), so nothing below it sees a relative path or a ``~``: a run started
+from another folder, a subprocess or a background thread (orbax's) reads the
+same files. A URL such as ``gs://bucket/run`` is kept as it is, and the files
+under it are read and written through `etils.epath` (`Path`), which serves
+local folders and cloud storage alike.
+
+Not here: what the files hold (each module that writes one says).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import ml_collections
+from etils import epath
+
+# The path fields of a run's config, resolved by `resolve_config`.
+CONFIG_PATHS = ("input.data_dir", "input.synthetic.cache_dir", "init.workdir", "text_init")
+TOKENIZER_FIELDS = ("input.text_tokenizer", "input.caption_tokenizer")
+TOKENIZER_KINDS = ("sp", "wordpiece")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+    """Whether `path` names a location by URL (``gs://...``, ``s3://...``), not a local path."""
+    return bool(_URL.match(os.fspath(path)))
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """`path` absolute with ``~`` expanded; a URL, and '' (unset), as they are."""
+    path = os.fspath(path)
+    if not path or is_url(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def Path(path: str | os.PathLike) -> epath.Path:  # noqa: N802  (a constructor, like epath.Path)
+    """An `epath.Path` of the resolved `path`: local folders and URLs behind one API."""
+    return epath.Path(resolve(path))
+
+
+def resolve_tokenizer_spec(spec: str) -> str:
+    """A tokenizer spec (``sp:FILE``, ``wordpiece:DIR``) with its path resolved.
+
+    Specs without a path ('dataset') are returned as they are.
+    """
+    kind, sep, path = spec.partition(":")
+    if sep and kind in TOKENIZER_KINDS:
+        return f"{kind}:{resolve(path)}"
+    return spec
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with every path field (`CONFIG_PATHS`, tokenizer specs) resolved, in place."""
+    for dotted in CONFIG_PATHS + TOKENIZER_FIELDS:
+        *parents, name = dotted.split(".")
+        section = config
+        for parent in parents:
+            section = section.get(parent) if section is not None else None
+        if section is None or not isinstance(section.get(name), str):
+            continue
+        value = section[name]
+        section[name] = (
+            resolve_tokenizer_spec(value) if dotted in TOKENIZER_FIELDS else resolve(value)
+        )
+    return config
