@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.requirements-installed
 DEMO_DIR ?= runs/demo
+# Config overrides for both demo steps, e.g. DEMO_FLAGS="--config.total_steps=100".
+DEMO_FLAGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint venv clean-venv
@@ -20,8 +22,9 @@ $(STAMP): requirements.txt
 # CPU recipe with checkpoints and metrics in $(DEMO_DIR). A second run resumes there.
 demo: $(STAMP)
 	$(VENV)/bin/python -m input_pipeline.contact_sheet --config configs/multitask.py:runlocal \
-		--out $(DEMO_DIR)/contact_sheet.png
-	$(VENV)/bin/python launch.py --config configs/multitask.py:runlocal --workdir $(DEMO_DIR)
+		--out $(DEMO_DIR)/contact_sheet.png $(DEMO_FLAGS)
+	$(VENV)/bin/python launch.py --config configs/multitask.py:runlocal --workdir $(DEMO_DIR) \
+		$(DEMO_FLAGS)
 	$(VENV)/bin/python -m deepcoro_jax.plot $(DEMO_DIR)
 
 test: $(STAMP)
