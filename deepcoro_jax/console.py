@@ -5,7 +5,8 @@ stdout by the trainer, the evaluators and the tools), warnings of this project's
 own modules, errors, and for a run killed by an exception one line naming the
 cause. Everything else (INFO lines of absl, orbax, TensorFlow and JAX, Python
 deprecation warnings, and what C++ libraries write to file descriptor 2: XLA,
-oneDNN, TensorFlow) goes to a log file with timestamps, ``WORKDIR/log.txt``.
+oneDNN, TensorFlow) goes to a log file with timestamps, ``WORKDIR/log.txt``
+(``WORKDIR/log.<i>.txt`` for process i > 0 of a multi-process run).
 
 `start` is called by an entry point before anything heavy runs; until the
 command knows (and has validated) its folder, the log is a temporary file, and
@@ -33,7 +34,7 @@ from typing import TextIO
 from deepcoro_jax import paths
 
 LOG_FILE = "log.txt"
-MAX_CAUSE = 600  # characters of an error's message on its one terminal line
+MAX_CAUSE = 2000  # characters of an error's message on its one terminal line
 # Loggers whose warnings reach the terminal: the project's own (the trainer logs
 # through the root logger).
 OWN_LOGGERS = ("root", "__main__", "launch", "deepcoro_jax", "input_pipeline", "evaluators")

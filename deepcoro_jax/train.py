@@ -671,10 +671,11 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
 
     # ------------------------------------------------------------------ the workdir
     # Everything above checked the config, the data and the checkpoint: now write.
+    console.attach(workdir, console.LOG_FILE if is_main else f"log.{jax.process_index()}.txt")
     if is_main:
-        console.attach(workdir)
         paths.Path(workdir).mkdir(parents=True, exist_ok=True)
-        (paths.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        if mode == "train":  # eval mode leaves the config the checkpoints were trained with
+            (paths.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
     if ckpt is None:
         ckpt = checkpoint.Checkpointer(checkpoint_dir, **checkpoint_options)
 

@@ -185,7 +185,7 @@ def test_recipe_durations_resolve(arg, total, warmup):
 
 
 class ReadRecorder(Mapping):
-    """A read-only view of a ConfigDict that records the dotted path of every field read.
+    """A view of a ConfigDict that records the dotted path of every field read.
 
     Nested ConfigDicts come back as recorders of their own; truth-testing one
     (``if config.evals:``) reads it as a whole. `to_json_best_effort` (writing
@@ -202,6 +202,10 @@ class ReadRecorder(Mapping):
             return ReadRecorder(value, self._reads, f"{path}.")
         self._reads.add(path)
         return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        """The trainer writes back the paths it resolved (deepcoro_jax/paths.py)."""
+        self._config[key] = value
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("_"):
