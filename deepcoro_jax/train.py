@@ -756,10 +756,16 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                         writer.write(step, values)
                     tb_writer.write_scalars(step, values)
                     terms = "  ".join(f"{n} {values[f'loss/{n}']:.4f}" for n in term_names)
+                    # A (re)start's first step includes one-off start-up (the first
+                    # execution, the shuffle buffer): no ETA from it alone.
+                    eta = (
+                        f"ETA {(total_steps - step) * seconds / 60:.1f} min"
+                        if step > first_step + 1
+                        else "first step, start-up included"
+                    )
                     print(
                         f"{prefix}step {step}/{total_steps}  loss {values['loss']:.6f}  {terms}  "
-                        f"{values['videos_per_s'] * videos_per_example:.1f} videos/s  "
-                        f"ETA {(total_steps - step) * seconds / 60:.1f} min",
+                        f"{values['videos_per_s'] * videos_per_example:.1f} videos/s  {eta}",
                         flush=True,
                     )
                     data_wait, window_start, window_step = 0.0, time.perf_counter(), step

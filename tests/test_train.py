@@ -328,11 +328,12 @@ def test_library_imports_without_tensorflow():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(1), check=True, timeout=120)
 
 
-def test_bad_overrides_are_named_errors(setup, tmp_path):
+def test_bad_overrides_and_data_are_named_errors(setup, tmp_path):
     for override, message in (
         ("--config.input.no_such_key=1", "the config has no field 'no_such_key'"),
         ("--config.total_steps=ten", "--config.total_steps=ten"),
         ("--config.model.mask_ratio=high", "--config.model.mask_ratio=high"),
+        ("--config.input.data_dir=no/such/folder", "is not a prepared dataset"),
     ):
         result = subprocess.run(
             [sys.executable, *_command(setup, tmp_path, {}, (override,))],
