@@ -250,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.files = [paths.resolve(f) for f in args.files]
     if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
         console.start(verbose=args.verbose)
-        console.attach(args.workdir)
+        if paths.Path(args.workdir).is_dir():  # a mistyped --workdir is not created
+            console.attach(args.workdir)
     else:
         logging.basicConfig(level=logging.WARNING)
     try:
