@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m input_pipeline.contact_sheet --config configs/multitask.py:runlocal \
 		--out $(DEMO_DIR)/contact_sheet.png $(DEMO_FLAGS)
 	$(VENV)/bin/python launch.py --config configs/multitask.py:runlocal --workdir $(DEMO_DIR) $(DEMO_FLAGS)
-	$(VENV)/bin/python -m deepcoro_jax.plot $(DEMO_DIR)
+	$(VENV)/bin/python -m deepcoro_jax.tools.plot $(DEMO_DIR)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -18,7 +18,7 @@ tracebacks go to WORKDIR/log.txt (`deepcoro_jax.console`), all of it also to
 the terminal with ``--verbose``. Paths may be relative, start with ``~`` or be
 URLs (``gs://...``).
 
-Not here: anything about training itself (``deepcoro_jax/train.py``).
+Not here: anything about training itself (``deepcoro_jax/training/train.py``).
 """
 
 import os
@@ -39,7 +39,8 @@ _MODE = flags.DEFINE_enum(
     "mode",
     "train",
     ["train", "eval"],
-    "Train; 'eval' is for config.evals on the latest checkpoint (no evaluator plugins yet).",
+    "'train' trains, resuming from the latest checkpoint; 'eval' runs every evaluator of "
+    "config.evals once on the latest checkpoint and logs the results at its step.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (explicit multi-process runs)."
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> None:
         if _CACHE.value:
             jax.config.update("jax_compilation_cache_dir", paths.resolve(_CACHE_DIR.value))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        from deepcoro_jax import train
+        from deepcoro_jax.training import train
 
         train.main(_CONFIG.value, paths.resolve(_WORKDIR.value), _MODE.value)
     except Exception as e:  # one line on the terminal, the traceback in the log

@@ -41,8 +41,8 @@ import numpy as np
 from benchmarks.models import param_shapes, random_like, time_compiled
 from benchmarks.train_step import BOS_ID, PAD_ID, emit, random_batch
 from configs import multitask as multitask_config
-from deepcoro_jax import train
 from deepcoro_jax.models import multitask
+from deepcoro_jax.training import run
 from evaluators.retrieval import retrieval_metrics
 
 PARTS = ("retrieval", "caption")
@@ -75,7 +75,7 @@ def bench_retrieval(args: argparse.Namespace) -> None:
 
 def bench_caption(args: argparse.Namespace) -> None:
     config = multitask_config.get_config("runlocal")
-    model = train.build_model(config, args.vocab_size, PAD_ID)
+    model = run.build_model(config, args.vocab_size, PAD_ID)
     m = config.model
     video_shape = (m.num_frames, m.image_size, m.image_size, 1)
     rng = np.random.default_rng(1)

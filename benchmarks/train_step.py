@@ -3,11 +3,12 @@
 For: how many videos per second one optimizer update processes, how long it
 takes to compile, and what fraction of the device's matmul peak it uses (MFU),
 with and without masked video modelling. The step is the trainer's own: the
-model from ``train.build_model``, the optimizer from ``train.make_optimizer``,
-the state from ``train.create_train_state`` placed by ``train.state_shardings``,
-the step from ``train.make_train_step``, jitted with the shardings and donation
-that ``train.main`` uses. The batches are random but valid (token ids in the
-vocabulary, padded masks), so nothing here imports TensorFlow.
+model from ``run.build_model``, the optimizer from ``run.make_optimizer``,
+the state from ``run.create_train_state`` placed by ``run.state_shardings``,
+the step from ``run.make_train_step`` (``deepcoro_jax/training/run.py``), jitted
+with the shardings and donation that the trainer uses. The batches are random
+but valid (token ids in the vocabulary, padded masks), so nothing here imports
+TensorFlow.
 
 Not for: the input pipeline's speed, evaluation, or multi-process runs.
 
@@ -28,7 +29,7 @@ device, seconds per step, videos/s, and MFU. MFU = analytic training FLOPs per
 example (``multitask.training_flops_per_example``, as the trainer logs it) x
 videos/s / (peak x devices), where the peak is the MEASURED rate of one device
 on a large jitted matmul in the compute dtype (``matmul_peak_flops``); the MFU
-against the nominal bf16 peak of ``train.PEAK_FLOPS`` is printed too where the
+against the nominal bf16 peak of ``run.PEAK_FLOPS`` is printed too where the
 device is listed there. XLA's ``cost_analysis()`` FLOPs are printed for
 comparison only: on GPUs they leave out the library (cuBLAS/cuDNN) calls that
 do most of the work (about 1/30 of the analytic count for ViViT-B on an H100).
@@ -52,8 +53,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import multitask as multitask_config
-from deepcoro_jax import sharding, train
 from deepcoro_jax.models import multitask
+from deepcoro_jax.training import run as run_lib
+from deepcoro_jax.training import sharding
 
 VARIANTS = ("mvm", "nomvm")
 # Defaults where a flag is not given: a tiny model on CPU, the 'base' recipe elsewhere.
@@ -168,24 +170,24 @@ def benchmark_variant(
     model: multitask.MultitaskModel,
     tx: optax.GradientTransformation,
     schedules: Mapping[str, Callable],
-    state: train.TrainState,
+    state: run_lib.TrainState,
     batches: list[dict[str, jax.Array]],
     *,
     mesh: Mesh,
-    shardings: train.TrainState,
+    shardings: run_lib.TrainState,
     steps: int,
     peak: float,
     nominal_peak: float | None,
 ) -> None:
     """Compiles and times the train step of `config` from `state`; emits its measurements.
 
-    `shardings` is the state's NamedSharding tree (``train.state_shardings``);
+    `shardings` is the state's NamedSharding tree (``run.state_shardings``);
     `state` is donated to the first step.
     """
     batch_size = config.input.batch_size
     num_devices = mesh.size
     train_step = jax.jit(
-        train.make_train_step(model, tx, config, mesh, schedules),
+        run_lib.make_train_step(model, tx, config, mesh, schedules),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
@@ -200,7 +202,7 @@ def benchmark_variant(
         video_shape,
         config.input.text_max_len,
         config.input.caption_max_len,
-        mvm=train.uses_mvm(config),
+        mvm=run_lib.uses_mvm(config),
     )["training"]
     emit(f"train_step_flops_per_example/{name}", float(flops), "FLOP")
     xla_flops = (compiled.cost_analysis() or {}).get("flops")
@@ -228,7 +230,7 @@ def benchmark_variant(
     jax.block_until_ready((state, metrics))
     step_time = (time.perf_counter() - start) / steps
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    train.check_finite(values, int(jax.device_get(state.step)))
+    run_lib.check_finite(values, int(jax.device_get(state.step)))
 
     videos_per_s = batch_size / step_time
     emit(f"train_step_time_s/{name}", step_time, "s")
@@ -260,7 +262,7 @@ def run(args: argparse.Namespace) -> None:
 
     peak = measure_matmul_peak(options["matmul_size"], options["dtype"])
     emit("matmul_peak_flops", peak, "FLOP/s per device")
-    nominal_peak = train.peak_flops(device)
+    nominal_peak = run_lib.peak_flops(device)
     if nominal_peak is not None:
         emit("nominal_peak_flops", nominal_peak, "FLOP/s per device")
 
@@ -284,7 +286,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--batch_size={options['batch_size']} must divide by the device count ({mesh.size})"
         )
-    model = train.build_model(config, args.vocab_size, PAD_ID)
+    model = run_lib.build_model(config, args.vocab_size, PAD_ID)
     rng = np.random.default_rng(0)
     video_shape = (options["num_frames"], options["image_size"], options["image_size"], 1)
     host_batches = [
@@ -307,10 +309,11 @@ def run(args: argparse.Namespace) -> None:
         jax.random.key(0),
     )
     total_steps = WARMUP_STEPS + options["steps"]
-    tx, schedules = train.make_optimizer(config, params_shape, total_steps, 0)
-    init_fn = train.create_train_state(model, tx, example, with_teacher=train.uses_teacher(config))
+    tx, schedules = run_lib.make_optimizer(config, params_shape, total_steps, 0)
+    with_teacher = run_lib.uses_teacher(config)
+    init_fn = run_lib.create_train_state(model, tx, example, with_teacher=with_teacher)
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
-    shardings = train.state_shardings(abstract_state, config, mesh)
+    shardings = run_lib.state_shardings(abstract_state, config, mesh)
     batches = [jax.device_put(b, sharding.batch_sharding(mesh)) for b in host_batches]
 
     init_state = jax.jit(init_fn, out_shardings=shardings)

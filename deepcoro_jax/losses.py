@@ -15,7 +15,8 @@ paired report is).
 ``sigmoid_loss_sharded`` computes the SigLIP loss over a batch sharded on a mesh axis without
 ever forming the global [B, B] logits: text chunks travel around a ring of devices.
 
-Not here: loss weights and their schedules (optim.py), the model heads, the EMA teacher.
+Not here: loss weights and their schedules (training/optim.py), the model heads (and their
+initial temperature and bias), the EMA teacher.
 """
 
 import math
@@ -26,8 +27,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-INIT_LOG_TEMPERATURE = math.log(10.0)
-INIT_BIAS = -10.0
 POSITIVES_KINDS = ("diagonal", "same_report")
 
 Aux = dict[str, Any]

@@ -1,7 +1,7 @@
 """Paths as users type them, resolved once where they enter; URLs left as they are.
 
 Every path a user gives (a flag, a config field, a config argument) goes
-through `resolve` at the entry point (`launch.py`, `train.main`, the tools'
+through `resolve` at the entry point (`launch.py`, `training/train.main`, the tools'
 ``main``), so nothing below it sees a relative path or a ``~``: a run started
 from another folder, a subprocess or a background thread (orbax's) reads the
 same files. A URL such as ``gs://bucket/run`` is kept as it is, and the files

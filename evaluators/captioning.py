@@ -10,8 +10,9 @@ jitted), scores it with these and the text metrics (text_metrics.py), measures
 the teacher-forced perplexity of the references, and writes the reports to
 ``<workdir>/captions/<name>_<step>.csv``.
 
-Not for: the decoding loops (deepcoro_jax/decode.py), the text-overlap metrics
-(text_metrics.py), or the report schema and parser themselves (deepcoro_jax/reports.py).
+Not for: the decoding loops (deepcoro_jax/models/decode.py), the text-overlap metrics
+(text_metrics.py), or the report schema and parser themselves
+(deepcoro_jax/domain/reports.py).
 
 Conventions of `clinical_metrics`:
 - A generated report that does not parse (ParseResult.ok False) still counts in
@@ -40,7 +41,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from deepcoro_jax import decode, losses, paths, reports
+from deepcoro_jax import losses, paths
+from deepcoro_jax.domain import reports
+from deepcoro_jax.models import decode
 from evaluators import common, text_metrics
 
 

@@ -25,7 +25,7 @@ examples (report text, study id, labels) come from ``split_table``, read once
 per split without frames, and are joined on the row.
 
 Not here: the metric functions (``retrieval.py``, ``text_metrics.py``,
-``captioning.py``'s clinical metrics), the schedule (``deepcoro_jax/train.py``).
+``captioning.py``'s clinical metrics), the schedule (``deepcoro_jax/training/train.py``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from deepcoro_jax import sharding, tokenizers, train
+from deepcoro_jax.domain import tokenizers
 from deepcoro_jax.models import multitask
+from deepcoro_jax.training import sharding
 
 ROW_KEY = "row"  # the manifest row: unique per video within a prepared dataset
 MASK_KEY = "_mask"  # real example (True) or padding (False); see pipeline.make_eval_dataset
@@ -215,7 +216,9 @@ def predict_split(
         process_index=jax.process_index(),
         process_count=process_count,
     )
-    train.check_video_shape(tuple(dataset.element_spec["video"].shape), ctx.config, "eval_video_pp")
+    pipeline.check_video_shape(
+        tuple(dataset.element_spec["video"].shape), ctx.config, "eval_video_pp"
+    )
     chunks: list[dict[str, np.ndarray]] = []
     for local_batch in dataset.as_numpy_iterator():
         batch = pipeline.global_batch(local_batch, ctx.mesh, sharding.DATA_AXES)

@@ -41,8 +41,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from deepcoro_jax import paths, sharding
+from deepcoro_jax import paths
 from deepcoro_jax.models.mvm import patchify, unpatchify
+from deepcoro_jax.training import sharding
 from evaluators import common
 
 TARGET_VARIANCE_EPS = 1e-6  # models/mvm.py tubelet_targets: (x - mean) / sqrt(var + eps)

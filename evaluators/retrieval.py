@@ -37,7 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from deepcoro_jax import reports, sharding
+from deepcoro_jax.domain import reports
+from deepcoro_jax.training import sharding
 from evaluators import common
 
 # Queries per chunk are chosen so a chunk's temporaries stay near this many elements.

@@ -209,7 +209,7 @@ def load_meta(data_dir: str) -> DatasetMeta:
 
 
 def tokenizer_spec(data_dir: str) -> str:
-    """The tokenizer spec (deepcoro_jax.tokenizers.get_tokenizer) stored with a dataset."""
+    """The tokenizer spec (deepcoro_jax.domain.tokenizers.get_tokenizer) stored with a dataset."""
     meta = load_meta(data_dir)
     if meta.tokenizer is None:
         raise ValueError(f"the dataset at {data_dir} stores no tokenizer; give one in the config")

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from deepcoro_jax.tokenizers import encode_padded, get_tokenizer
+from deepcoro_jax.domain.tokenizers import encode_padded, get_tokenizer
 from input_pipeline import dataset_format
 
 Example = dict[str, tf.Tensor]
@@ -496,7 +496,7 @@ def tokenize(
 ) -> Op:
     """Text-encoder ids: [BOS] tokens [EOS] padded with the pad id to `max_len`.
 
-    `tokenizer` is a spec for ``deepcoro_jax.tokenizers.get_tokenizer`` or
+    `tokenizer` is a spec for ``deepcoro_jax.domain.tokenizers.get_tokenizer`` or
     'dataset' (the dataset's own, from the `data_dir` context). Long reports
     lose tokens from the end; BOS and EOS (where asked for) are always kept, as
     BERT does. Outputs `outkey` int32 [max_len] and `mask_key` bool [max_len]

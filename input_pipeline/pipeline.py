@@ -7,6 +7,7 @@ mesh. Training streams are infinite and deterministic given the seed (shuffle,
 epoch reshuffles and augmentation alike) and can be checkpointed and resumed
 exactly (``InputIterator``). Evaluation streams are finite, in order, cover each
 example once and give every process the same number of batches.
+``check_video_shape`` checks that a pp's clips are the model's frames and size.
 
 Not here: preprocessing ops (``ops.py``), the on-disk format
 (``dataset_format.py``), decoding source videos (``prepare.py``).
@@ -18,6 +19,7 @@ import math
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -369,3 +371,18 @@ def global_batch(
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(to_global, local_batch)
+
+
+def check_video_shape(
+    video_shape: tuple[int, ...], config: ml_collections.ConfigDict, pp_key: str = "video_pp"
+) -> None:
+    """The pp's clips must be the model's (``model.num_frames`` x ``model.image_size``)."""
+    frames, height, width = video_shape[-4:-1]
+    size = config.model.image_size
+    expected = (config.model.num_frames, *((size, size) if isinstance(size, int) else size))
+    if (frames, height, width) != tuple(expected):
+        raise ValueError(
+            f"config.input.{pp_key} makes clips of {frames} x {height} x {width}, but "
+            f"config.model.num_frames x image_size is {' x '.join(map(str, expected))}: "
+            "change both together"
+        )

@@ -74,7 +74,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
-from deepcoro_jax import console, paths, tokenizers
+from deepcoro_jax import console, paths
+from deepcoro_jax.domain import tokenizers
 from input_pipeline import video_io
 
 if TYPE_CHECKING:

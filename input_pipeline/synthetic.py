@@ -2,7 +2,7 @@
 
 For: the demo and the tests, which need angiogram-like studies whose findings are
 known exactly and which go through the real path (files -> `prepare` -> shards).
-Each study gets findings from `deepcoro_jax.reports.random_findings`, a rendered
+Each study gets findings from `synthetic_findings.random_findings`, a rendered
 report, and 2-4 views (at least one left- and one right-system view). Each view is
 a procedurally drawn 3D vessel tree projected for its C-arm angles at a fixed
 magnification (a left-dominant study's short RCA looks small): segments know
@@ -45,7 +45,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, generate_uid
 
-from deepcoro_jax import reports
+from deepcoro_jax.domain import reports
+from input_pipeline import synthetic_findings
 
 # Bumped whenever a change alters the pixels or findings drawn for a seed; the
 # trainer's synthetic cache is keyed on it (data_cache.synthetic_dir).
@@ -933,7 +934,7 @@ def plan_study(
     Studies are independent: study i is the same whatever the number of studies."""
     _check_options(num_frames, fps_choices, formats)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
-    findings = reports.random_findings(rng)
+    findings = synthetic_findings.random_findings(rng)
     report = reports.render(findings, rng)
     anatomy = sample_anatomy(findings, rng)
     num_views = int(rng.integers(2, 5))

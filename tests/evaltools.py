@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from configs import multitask as multitask_config
-from deepcoro_jax import sharding, tokenizers, train
+from deepcoro_jax.domain import tokenizers
+from deepcoro_jax.training import run, sharding
 from evaluators import common
 
 SYNTHETIC = dict(num_studies=8, size=32, num_frames=(8, 12), seed=0)
@@ -74,7 +75,7 @@ def make_context(
     tok = tokenizers.get_tokenizer(spec)
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]).reshape(num_devices, 1), ("data", "fsdp"))
     return common.EvalContext(
-        model=train.build_model(config, tok.vocab_size, tok.pad_id),
+        model=run.build_model(config, tok.vocab_size, tok.pad_id),
         config=config,
         mesh=mesh,
         data_dir=data_dir,

@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 from test_locca import random_params
 
-from deepcoro_jax import attention_maps, reports, tokenizers
+from deepcoro_jax.domain import reports, tokenizers
 from deepcoro_jax.models.locca import CaptionDecoder
 from deepcoro_jax.models.vivit import ViViT
+from deepcoro_jax.tools import attention_maps
+from input_pipeline import synthetic_findings
 
 VOCAB, WIDTH, LAYERS, HEADS, MLP, MAX_LEN = 30, 16, 2, 2, 32, 6
 BATCH, NUM_MEMORY, MEMORY_DIM = 2, 7, 12
@@ -219,7 +221,7 @@ def test_tubelet_order_is_vivits():
 @pytest.fixture(scope="module")
 def report_tokenizer(tmp_path_factory):
     rng = np.random.default_rng(0)
-    texts = [reports.render(reports.random_findings(rng), rng) for _ in range(300)]
+    texts = [reports.render(synthetic_findings.random_findings(rng), rng) for _ in range(300)]
     path = tmp_path_factory.mktemp("spm") / "spm.model"
     return tokenizers.get_tokenizer("sp:" + tokenizers.train_sentencepiece(texts, str(path), 300))
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from evaltools import init_params, make_context, micro_config
 
-from deepcoro_jax import decode, reports
+from deepcoro_jax.domain import reports
+from deepcoro_jax.models import decode
 from evaluators import captioning, common
 
 SPLIT = "train"  # the tiny set's largest split (6 studies, 19 videos)

@@ -1,4 +1,4 @@
-"""Tests for deepcoro_jax.checkpoint: exact sharded round trips across mesh layouts,
+"""Tests for deepcoro_jax.training.checkpoint: exact sharded round trips across mesh layouts,
 retention (latest K + best), the data position, resume after restart, a SIGKILL
 during a save, the SIGTERM guard, and partial init from another run."""
 
@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepcoro_jax import checkpoint, sharding
+from deepcoro_jax.training import checkpoint, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_TIMEOUT_S = 60
@@ -359,7 +359,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
         f"""
         import time
         import jax.numpy as jnp
-        from deepcoro_jax import checkpoint
+        from deepcoro_jax.training import checkpoint
 
         class HangingIterator:
             def save(self, path):
@@ -401,7 +401,7 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
         f"""
         import time
         import jax.numpy as jnp
-        from deepcoro_jax import checkpoint
+        from deepcoro_jax.training import checkpoint
 
         ckpt = checkpoint.Checkpointer({str(workdir)!r}, keep=2)
         step = 0

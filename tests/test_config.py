@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import multitask as multitask_config
-from deepcoro_jax import sharding, train
+from deepcoro_jax.training import run, sharding, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILE = str(REPO / "configs" / "multitask.py")
@@ -152,7 +152,7 @@ def _section(**fields) -> ml_collections.ConfigDict:
 
 def test_durations_in_any_unit():
     def steps(**fields):
-        return train.resolve_steps(
+        return run.resolve_steps(
             "total", _section(**fields), steps_per_epoch=2.5, global_batch=8, total_steps=200
         )
 
@@ -166,7 +166,7 @@ def test_durations_in_any_unit():
     assert steps(total_examples=81, total_epochs=30.0) == 11
     assert steps(total_epochs=3.0, total_percent=50.0) == 8
     with pytest.raises(ValueError, match="total_epochs is not defined"):
-        train.resolve_steps(
+        run.resolve_steps(
             "total", _section(total_epochs=1.0), steps_per_epoch=None, global_batch=8
         )
 
@@ -176,8 +176,8 @@ def test_recipe_durations_resolve(arg, total, warmup):
     """The recipe sets exactly one unit of each duration (30 epochs, 5% warmup for the full one)."""
     config = multitask_config.get_config(arg)
     units = dict(steps_per_epoch=50.0, global_batch=config.input.batch_size)
-    assert train.resolve_steps("total", config, **units) == total
-    resolved = train.resolve_steps("warmup", config.optim.schedule, **units, total_steps=total)
+    assert run.resolve_steps("total", config, **units) == total
+    resolved = run.resolve_steps("warmup", config.optim.schedule, **units, total_steps=total)
     assert resolved == warmup
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_locca import random_params
 
-from deepcoro_jax import decode
+from benchmarks.models import greedy_uncached
+from deepcoro_jax.models import decode
 from deepcoro_jax.models.locca import CaptionDecoder, shift_right
 
 VOCAB, WIDTH, LAYERS, HEADS, MLP, MAX_LEN = 50, 32, 2, 4, 64, 10
@@ -102,7 +103,7 @@ def test_greedy_is_the_teacher_forced_argmax(problem, eos_id, greedy_output):
 
 
 def test_uncached_greedy_equals_cached_greedy(problem, eos_id, greedy_output):
-    uncached = decode.greedy_uncached(DECODER, *problem, bos_id=BOS, eos_id=eos_id, pad_id=PAD)
+    uncached = greedy_uncached(DECODER, *problem, bos_id=BOS, eos_id=eos_id, pad_id=PAD)
     np.testing.assert_array_equal(uncached.tokens, greedy_output.tokens)
     np.testing.assert_allclose(uncached.log_probs, greedy_output.log_probs, atol=1e-5)
 

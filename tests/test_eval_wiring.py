@@ -12,7 +12,7 @@ import logging
 import pytest
 from evaltools import make_context, micro_config, without_labels
 
-from deepcoro_jax import train
+from deepcoro_jax.training import train
 from evaluators import common
 
 

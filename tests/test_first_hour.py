@@ -131,7 +131,7 @@ def test_infer_on_a_file_as_the_readme_writes_it(user, demo):
     shutil.copy(_source_video(user), video)
     result = _shell(
         user,
-        ".venv/bin/python -m deepcoro_jax.infer --workdir runs/demo --attention "
+        ".venv/bin/python -m deepcoro_jax.tools.infer --workdir runs/demo --attention "
         "runs/demo/attention path/to/video.mp4",
     )
     assert "path/to/video.mp4" in result.stdout and "checkpoint 4" in result.stdout
@@ -143,7 +143,7 @@ def test_infer_on_a_file_as_the_readme_writes_it(user, demo):
 def test_export_eval_and_plot_as_the_readme_writes_them(user, demo):
     _shell(
         user,
-        ".venv/bin/python -m deepcoro_jax.export --workdir runs/demo --split val "
+        ".venv/bin/python -m deepcoro_jax.tools.export --workdir runs/demo --split val "
         "--out runs/demo/val_embeddings.npz",
     )
     arrays = np.load(user[0] / "runs/demo/val_embeddings.npz")
@@ -155,7 +155,7 @@ def test_export_eval_and_plot_as_the_readme_writes_them(user, demo):
         f"--mode eval {DEMO_FLAGS}",
     )
     assert "eval val_captioning @ step 4" in evaluated.stdout, evaluated.stdout
-    plotted = _shell(user, ".venv/bin/python -m deepcoro_jax.plot runs/demo")
+    plotted = _shell(user, ".venv/bin/python -m deepcoro_jax.tools.plot runs/demo")
     assert plotted.stdout.strip() == str(user[0] / "runs/demo/plots/training_curves.png")
 
 
@@ -232,8 +232,8 @@ def test_the_signature_of_a_command():
     assert signature(
         ".venv/bin/python launch.py --config a.py:runlocal --workdir runs/demo --mode eval"
     ) == (("launch.py",), frozenset({"--config", "--workdir", "--mode"}))
-    assert signature("python -m deepcoro_jax.plot /runs/x") == (
-        ("deepcoro_jax.plot",),
+    assert signature("python -m deepcoro_jax.tools.plot /runs/x") == (
+        ("deepcoro_jax.tools.plot",),
         frozenset(),
     )
     assert signature('make demo DEMO_FLAGS="--config.total_steps=4"') == (

@@ -22,8 +22,11 @@ import pytest
 from evaltools import micro_config
 from PIL import Image
 
-from deepcoro_jax import attention_maps, checkpoint, export, infer, inference, reports, train
+from deepcoro_jax.domain import reports
 from deepcoro_jax.models import multitask
+from deepcoro_jax.tools import attention_maps, export, infer, inference
+from deepcoro_jax.training import checkpoint
+from deepcoro_jax.training import run as run_lib
 
 STEP = 2
 SPLIT = "train"
@@ -32,7 +35,7 @@ SPLIT = "train"
 @pytest.fixture(scope="module")
 def tiny_run(synthetic_data, tmp_path_factory):
     """(workdir, the saved params) of a run whose checkpoint holds random parameters."""
-    from deepcoro_jax import tokenizers
+    from deepcoro_jax.domain import tokenizers
     from input_pipeline import dataset_format
 
     config = micro_config()
@@ -40,7 +43,7 @@ def tiny_run(synthetic_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     tok = tokenizers.get_tokenizer(dataset_format.tokenizer_spec(synthetic_data))
-    model = train.build_model(config, tok.vocab_size, tok.pad_id)
+    model = run_lib.build_model(config, tok.vocab_size, tok.pad_id)
     size = config.model.image_size
     batch = {
         "video": jax.ShapeDtypeStruct((1, config.model.num_frames, size, size, 1), jnp.float32),

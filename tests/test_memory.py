@@ -1,4 +1,4 @@
-"""deepcoro_jax.memory: a compiled step is checked against the memory there is.
+"""deepcoro_jax.training.memory: a compiled step is checked against the memory there is.
 
 A jitted sort of a 4096 x 4096 float32 outer product needs that 64 MiB array as
 a temporary; its arguments and output are small arrays whose sizes are known.
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepcoro_jax import memory
+from deepcoro_jax.training import memory
 
 N = 4096
 INTERMEDIATE_BYTES = N * N * 4  # the outer product, float32

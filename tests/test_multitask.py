@@ -241,6 +241,11 @@ def jitted_caption_logits(model: MultitaskModel):
 # -------------------------------------------------------------------------------- tests
 
 
+def test_init_constants_are_siglips():
+    assert math.exp(multitask.INIT_LOG_TEMPERATURE) == pytest.approx(10.0)
+    assert multitask.INIT_BIAS == -10.0
+
+
 def test_training_call_outputs(model, params, training_step):
     batch, out, aux, _ = training_step
     embed_dim = model.encoder.hidden_size
@@ -248,8 +253,8 @@ def test_training_call_outputs(model, params, training_step):
     for name in ("video_emb", "text_emb"):
         assert out[name].dtype == jnp.float32
         np.testing.assert_allclose(np.linalg.norm(out[name], axis=-1), 1.0, rtol=1e-5)
-    assert float(out["log_temperature"]) == pytest.approx(losses.INIT_LOG_TEMPERATURE)
-    assert float(out["bias"]) == losses.INIT_BIAS
+    assert float(out["log_temperature"]) == pytest.approx(multitask.INIT_LOG_TEMPERATURE)
+    assert float(out["bias"]) == multitask.INIT_BIAS
     assert out["caption_logits"].shape == (2, CAPTION_LEN, VOCAB)
     assert out["mvm_pred"].shape == out["mvm_target"].shape == (2, NUM_MASKED, math.prod(PATCH))
     assert out["mvm_mask"].shape == (2, NUM_MASKED) and bool(np.all(out["mvm_mask"]))

@@ -12,7 +12,7 @@ import pytest
 from evaltools import init_params, make_context, micro_config
 from PIL import Image
 
-from deepcoro_jax import sharding
+from deepcoro_jax.training import sharding
 from evaluators import common, mvm
 
 SPLIT = "train"  # the tiny set's largest split

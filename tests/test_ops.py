@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepcoro_jax.tokenizers import get_tokenizer, train_sentencepiece
+from deepcoro_jax.domain.tokenizers import get_tokenizer, train_sentencepiece
 from input_pipeline import dataset_format, ops
 
 REPORTS = [

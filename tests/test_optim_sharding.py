@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from deepcoro_jax import optim, sharding
+from deepcoro_jax.training import optim, sharding
 
 PARAMS = {
     "video_encoder": {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}},

@@ -17,7 +17,10 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from deepcoro_jax import inference, paths, plot, tokenizers, train
+from deepcoro_jax import paths
+from deepcoro_jax.domain import tokenizers
+from deepcoro_jax.tools import inference, plot
+from deepcoro_jax.training import train
 from input_pipeline import dataset_format
 
 BUCKET = "gs://bucket"

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepcoro_jax.tokenizers import get_tokenizer, train_sentencepiece
+from deepcoro_jax.domain.tokenizers import get_tokenizer, train_sentencepiece
 from input_pipeline import dataset_format, pipeline
 
 VIDEOS_PER_STUDY = [1, 2, 3, 1, 2, 3, 1, 2]

@@ -1,4 +1,5 @@
-"""deepcoro_jax/plot.py: the curves it draws are the values of a hand-written metrics.jsonl."""
+"""deepcoro_jax/tools/plot.py: the curves it draws are the values of a hand-written
+metrics.jsonl."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepcoro_jax import plot
+from deepcoro_jax.tools import plot
 
 TRAIN_RECORDS = [
     {

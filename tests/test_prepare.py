@@ -18,7 +18,7 @@ import sentencepiece as spm
 from PIL import Image
 from test_video_io import write_container, write_dicom
 
-from deepcoro_jax import tokenizers
+from deepcoro_jax.domain import tokenizers
 from input_pipeline import dataset_format, prepare, video_io
 
 SIZE = 32

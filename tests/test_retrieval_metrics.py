@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from deepcoro_jax import reports
+from deepcoro_jax.domain import reports
 from evaluators import retrieval
 
 

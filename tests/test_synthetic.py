@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from deepcoro_jax import reports
+from deepcoro_jax.domain import reports
 from input_pipeline import synthetic
 
 SIZE = 64

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from deepcoro_jax import tokenizers
+from deepcoro_jax.domain import tokenizers
 
 REPORTS = [
     "Right dominant circulation. Severe 80% stenosis of the proximal LAD.",

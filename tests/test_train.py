@@ -1,4 +1,4 @@
-"""End-to-end tests of the trainer (deepcoro_jax/train.py) and its entry point (launch.py).
+"""End-to-end tests of the trainer (deepcoro_jax/training/train.py) and its entry point (launch.py).
 
 Every trainer run uses a micro config (the runlocal recipe shrunk to 4 frames of
 32x32, tubelets 2x8x8, one-layer encoder and caption decoder, batch 8, a constant
@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import multitask as multitask_config
-from deepcoro_jax import sharding, train
+from deepcoro_jax.training import run, sharding
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 40  # steps of the reference run; the resume test stops halfway
@@ -275,7 +275,7 @@ def reference(setup, runs):
 # where a real signal nearly always lands: deterministic, unlike a signal sent by timing.
 SIGTERM_IN_FETCH = """
 import runpy, signal, sys
-from deepcoro_jax import train
+from deepcoro_jax.training import train
 
 original_fetch = train.fetch_metrics
 
@@ -324,7 +324,7 @@ def cached_runs(setup, reference):
 
 
 def test_library_imports_without_tensorflow():
-    code = "import sys, deepcoro_jax.train; assert 'tensorflow' not in sys.modules"
+    code = "import sys, deepcoro_jax.training.train; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(1), check=True, timeout=120)
 
 
@@ -435,7 +435,7 @@ def accumulation_results(runs):
     results = {}
     for accum_steps in (1, 2):
         config = _accumulation_config(accum_steps)
-        model = train.build_model(config, vocab_size, pad_id=0)
+        model = run.build_model(config, vocab_size, pad_id=0)
         example = {k: v[:1] for k, v in batch.items()}
         params_shape = jax.eval_shape(
             lambda r, model=model, example=example: model.init(
@@ -443,10 +443,10 @@ def accumulation_results(runs):
             )["params"],
             jax.random.key(0),
         )
-        tx, schedules = train.make_optimizer(config, params_shape, total_steps=10, warmup_steps=0)
-        init_fn = train.create_train_state(model, tx, example, with_teacher=False)
+        tx, schedules = run.make_optimizer(config, params_shape, total_steps=10, warmup_steps=0)
+        init_fn = run.create_train_state(model, tx, example, with_teacher=False)
         abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = train.state_shardings(abstract_state, config, mesh)
+        shardings = run.state_shardings(abstract_state, config, mesh)
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(0))
         head = state.params["mvm_decoder"]["head"]
         params = dict(state.params)
@@ -456,7 +456,7 @@ def accumulation_results(runs):
         }
         state = state.replace(params=params)
         step = jax.jit(
-            train.make_train_step(model, tx, config, mesh, schedules),
+            run.make_train_step(model, tx, config, mesh, schedules),
             in_shardings=(shardings, sharding.batch_sharding(mesh)),
             out_shardings=(shardings, sharding.replicated(mesh)),
         )
@@ -474,7 +474,7 @@ def test_accumulation_equals_one_large_step(accumulation_results):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_2, params_1
     )
-    doc = " ".join(train.make_train_step.__doc__.split())
+    doc = " ".join(run.make_train_step.__doc__.split())
     assert "The contrastive term does not decompose" in doc
     assert "compared only with the reports of its own micro-batch" in doc
 
@@ -616,7 +616,7 @@ def test_nan_in_a_batch_stops_with_the_term_and_step(setup, cached_runs):
     assert err.strip().splitlines()[-1] == found.group(0) and "Traceback" not in err, err
     workdir = setup["root"] / "nan"
     assert Path(found.group(2)) == workdir / "log.txt"
-    assert "deepcoro_jax.train.NonFiniteError" in (workdir / "log.txt").read_text()
+    assert "deepcoro_jax.training.run.NonFiniteError" in (workdir / "log.txt").read_text()
     assert _checkpoints(workdir) == [2]
     assert sorted(_metrics(workdir)) == [1]
 

@@ -41,13 +41,13 @@ One set of parameters, three ways to run it:
        block_i/cross_attn/memory_mask   bool [B, N]
 
    More than ``max_len`` steps is not checked inside jit (the last slot would be
-   overwritten); the loops in ``deepcoro_jax.decode`` never take more.
+   overwritten); the loops in ``deepcoro_jax.models.decode`` never take more.
 
 A teacher-forced call with ``mutable=['intermediates']`` also returns every
 layer's cross-attention weights (``CrossAttention``), for attention maps
-(``deepcoro_jax.attention_maps``).
+(``deepcoro_jax.tools.attention_maps``).
 
-Not here: the decoding loops (``deepcoro_jax.decode``), the caption loss
+Not here: the decoding loops (``deepcoro_jax.models.decode``), the caption loss
 (``deepcoro_jax.losses``), tokenisation, and the video encoder.
 """
 

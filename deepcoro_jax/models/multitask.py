@@ -41,8 +41,9 @@ decode on the KV cache). :func:`make_model` builds a model from named sizes
 and overrides (config-friendly); :func:`training_flops_per_example` counts its
 matmul FLOPs analytically.
 
-Not here: the losses and their weights (``losses.py``, ``optim.py``), the
-decoding loops (``decode.py``), the Hugging Face weight import (``text.py``).
+Not here: the losses and their weights (``deepcoro_jax/losses.py``,
+``deepcoro_jax/training/optim.py``), the decoding loops (``decode.py``), the
+Hugging Face weight import (``text.py``).
 """
 
 import dataclasses
@@ -56,8 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepcoro_jax import decode
-from deepcoro_jax.losses import INIT_BIAS, INIT_LOG_TEMPERATURE
+from deepcoro_jax.models import decode
 from deepcoro_jax.models.locca import CaptionDecoder
 from deepcoro_jax.models.mvm import (
     MVMDecoder,
@@ -72,6 +72,9 @@ from deepcoro_jax.models.vivit import ViViT, vivit_kwargs
 Params = Any
 Batch = Mapping[str, jax.Array]
 
+# SigLIP's initial contrastive temperature (10) and bias (-10).
+INIT_LOG_TEMPERATURE = math.log(10.0)
+INIT_BIAS = -10.0
 CONTRASTIVE_TOKENS = ("full", "masked")
 MASK_FUNCTIONS = {"tube": tube_mask, "random": random_mask}
 

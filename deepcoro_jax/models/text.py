@@ -5,7 +5,7 @@ BERT, layer for layer (post-LN blocks, exact erf GELU, absolute positions), so a
 local HF BERT checkpoint such as PubMedBERT imports exactly (``from_pretrained``);
 ``BertConfig.from_size`` gives a small from-scratch tower for the demo.
 
-Not for: tokenisation (``deepcoro_jax/tokenizers.py``), caption decoding
+Not for: tokenisation (``deepcoro_jax/domain/tokenizers.py``), caption decoding
 (``locca.py``), or masked-language-model pretraining: the HF pooler and MLM/NSP
 heads are deliberately not imported (``IGNORED_HF_WEIGHT_PREFIXES``).
 Parameters are float32; ``dtype`` is the compute dtype.

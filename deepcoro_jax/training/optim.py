@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deepcoro_jax.sharding import param_name
+from deepcoro_jax.training.sharding import param_name
 
 DECAY_TYPES = ("cosine", "rsqrt", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")

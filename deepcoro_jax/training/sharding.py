@@ -131,7 +131,3 @@ def param_shardings(shapes, rules: Sequence[tuple[str, str]], mesh: Mesh, **kwar
     specs = param_specs(shapes, rules, mesh, **kwargs)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
 
-
-def constrain_batch(x: jax.Array, mesh: Mesh) -> jax.Array:
-    """Activation constraint inside jit: the batch dimension over every mesh axis."""
-    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))

@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from deepcoro_jax import paths, tokenizers
-from deepcoro_jax.inference import Run
+from deepcoro_jax import paths
+from deepcoro_jax.domain import tokenizers
 from deepcoro_jax.models import multitask
 from deepcoro_jax.models.locca import CaptionDecoder, shift_right
 from deepcoro_jax.models.mvm import tubelet_grid
+from deepcoro_jax.tools.inference import Run
 
 MIN_PANEL_SIZE = 128  # frames are enlarged (nearest neighbour) to at least this many pixels
 MAX_ALPHA = 0.6  # opacity of the heat map where the attention peaks

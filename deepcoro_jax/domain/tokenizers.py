@@ -77,7 +77,8 @@ class SentencePieceTokenizer:
             if value < 0:
                 raise ValueError(
                     f"SentencePiece model {model_path} defines no {name} id; train it with "
-                    "deepcoro_jax.tokenizers.train_sentencepiece or pass pad_id/bos_id/eos_id."
+                    "deepcoro_jax.domain.tokenizers.train_sentencepiece or pass "
+                    "pad_id/bos_id/eos_id."
                 )
 
     def encode(self, text: str) -> list[int]:

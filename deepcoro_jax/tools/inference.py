@@ -33,8 +33,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from deepcoro_jax import checkpoint, paths, sharding, tokenizers, train
+from deepcoro_jax import paths
+from deepcoro_jax.domain import tokenizers
 from deepcoro_jax.models import multitask
+from deepcoro_jax.training import checkpoint, sharding
+from deepcoro_jax.training import run as run_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -148,10 +151,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     config = load_config(workdir)
     step = checkpoint_step(workdir, step)
     data_dir = data_cache.resolve_data_dir(config.input)
-    caption_spec = train.tokenizer_spec(config.input.caption_tokenizer, data_dir)
-    text_spec = train.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
+    caption_spec = run_lib.tokenizer_spec(config.input.caption_tokenizer, data_dir)
+    text_spec = run_lib.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
     caption_tokenizer = tokenizers.get_tokenizer(caption_spec)
-    model = train.build_model(config, caption_tokenizer.vocab_size, caption_tokenizer.pad_id)
+    model = run_lib.build_model(config, caption_tokenizer.vocab_size, caption_tokenizer.pad_id)
     mesh = sharding.make_mesh()
     replicated = sharding.replicated(mesh)
     target = jax.tree.map(

@@ -1,7 +1,7 @@
 """Command line: video and report embeddings of a prepared split, for downstream probes.
 
 Usage:
-  python -m deepcoro_jax.export --workdir DIR --split S --out FILE.npz
+  python -m deepcoro_jax.tools.export --workdir DIR --split S --out FILE.npz
       [--data PREPARED] [--checkpoint STEP] [--batch_size 32]
 
 ``--data`` defaults to the prepared dataset the run trained on.
@@ -32,8 +32,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from deepcoro_jax import console, inference, paths
-from deepcoro_jax.inference import positive_int
+from deepcoro_jax import console, paths
+from deepcoro_jax.tools import inference
+from deepcoro_jax.tools.inference import positive_int
 
 TEXT_KEYS = ("study_id", "path", "report")
 LABEL_PREFIX = "label/"
@@ -89,7 +90,7 @@ def export_embeddings(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deepcoro_jax.export",
+        prog="python -m deepcoro_jax.tools.export",
         description="Video and report embeddings of a prepared split, as one .npz.",
     )
     parser.add_argument("--workdir", required=True, help="the trained run's workdir")

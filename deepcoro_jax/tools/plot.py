@@ -1,4 +1,4 @@
-"""Training curves of a run: ``python -m deepcoro_jax.plot DIR [--out PNG]``.
+"""Training curves of a run: ``python -m deepcoro_jax.tools.plot DIR [--out PNG]``.
 
 Reads ``DIR/metrics.jsonl`` (one JSON object per logged step, written by the
 trainer; see docs/metrics.md) and draws one panel per group of values into a
@@ -267,7 +267,7 @@ def plot_run(workdir: str, out: str | None = None, eval_metrics: str = HEADLINE_
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m deepcoro_jax.plot", description="Training curves of a run, as a PNG."
+        prog="python -m deepcoro_jax.tools.plot", description="Training curves of a run, as a PNG."
     )
     parser.add_argument("workdir", help="the run's folder, holding metrics.jsonl")
     parser.add_argument("--out", help=f"the PNG to write (default: WORKDIR/{DEFAULT_OUT})")

@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from deepcoro_jax import paths
-from deepcoro_jax.sharding import param_name
+from deepcoro_jax.training.sharding import param_name
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"

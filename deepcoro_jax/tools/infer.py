@@ -1,7 +1,7 @@
 """Command line: a trained run applied to raw angiography files (DICOM, AVI, MP4, .npy).
 
 Usage:
-  python -m deepcoro_jax.infer --workdir DIR [--checkpoint STEP] [--bank CSV] [--top_k 5]
+  python -m deepcoro_jax.tools.infer --workdir DIR [--checkpoint STEP] [--bank CSV] [--top_k 5]
       [--json] [--attention OUTDIR] [--beam N] FILE...
 
 For each file: the report the caption decoder writes (greedy, or beam search
@@ -40,8 +40,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from deepcoro_jax import attention_maps, console, inference, paths, reports
-from deepcoro_jax.inference import positive_int
+from deepcoro_jax import console, paths
+from deepcoro_jax.domain import reports
+from deepcoro_jax.tools import attention_maps, inference
+from deepcoro_jax.tools.inference import positive_int
 
 FILES_PER_CHUNK = 16  # clips held in memory at once
 BANK_COLUMN = "report"
@@ -232,7 +234,7 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deepcoro_jax.infer",
+        prog="python -m deepcoro_jax.tools.infer",
         description="Reports, findings and nearest bank reports for raw angiography files.",
     )
     parser.add_argument("--workdir", required=True, help="the trained run's workdir")

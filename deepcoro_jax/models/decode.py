@@ -22,10 +22,6 @@ changing them does not recompile. Use them as::
                         bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     out.tokens  # [B, max_len]
 
-``greedy_uncached`` is the cache-free baseline (the PyTorch reference's method):
-each step re-runs the teacher-forced decoder on the whole prefix; it exists to be
-benchmarked against ``greedy``.
-
 Not here: the decoder itself (``deepcoro_jax.models.locca``), detokenisation
 and the captioning metrics (``evaluators/captioning.py``).
 """
@@ -36,8 +32,6 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-
-from deepcoro_jax.models.locca import CaptionDecoder, shift_right
 
 Params = Any
 Cache = Any
@@ -432,55 +426,3 @@ def _beam_search_loop(
         log_probs=jnp.take_along_axis(log_probs, best, axis=1)[:, 0],
         scores=jnp.take_along_axis(scores, best, axis=1)[:, 0],
     )
-
-
-@functools.partial(jax.jit, static_argnames=("decoder", "max_len"))
-def greedy_uncached(
-    decoder: CaptionDecoder,
-    params: Params,
-    memory: jax.Array,
-    memory_mask: jax.Array | None = None,
-    *,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_len: int | None = None,
-) -> DecodeOutput:
-    """Greedy decoding without a cache: every step re-runs the teacher-forced decoder.
-
-    The baseline for the decoding benchmark (the PyTorch reference decodes this
-    way). Each step feeds the fixed-shape [B, max_len] prefix (BOS, the tokens so
-    far, then pads that the causal mask hides) through the whole decoder, memory
-    cross-attention included, and reads the logits at the current position.
-    Same arguments and result as :func:`greedy`, for a ``CaptionDecoder``.
-    """
-    max_len = _resolve_max_len(decoder, max_len)
-    batch = memory.shape[0]
-
-    def keep_going(state: tuple) -> jax.Array:
-        step, _, finished, _ = state
-        return (step < max_len) & ~jnp.all(finished)
-
-    def one_step(state: tuple) -> tuple:
-        step, tokens, finished, log_probs = state
-        logits, _ = decoder.apply(
-            {"params": params}, shift_right(tokens, bos_id), memory, memory_mask
-        )  # [B, max_len, V]
-        step_log_probs = jax.nn.log_softmax(
-            jax.lax.dynamic_index_in_dim(logits, step, axis=1, keepdims=False)
-        )  # [B, V]
-        next_tokens = jnp.argmax(step_log_probs, axis=-1).astype(jnp.int32)  # [B]
-        token_log_probs = jnp.take_along_axis(step_log_probs, next_tokens[:, None], axis=1)[:, 0]
-        next_tokens = jnp.where(finished, pad_id, next_tokens)
-        log_probs = log_probs + jnp.where(finished, 0.0, token_log_probs)
-        tokens = tokens.at[:, step].set(next_tokens)
-        return step + 1, tokens, finished | (next_tokens == eos_id), log_probs
-
-    init_state = (
-        jnp.zeros((), jnp.int32),
-        jnp.full((batch, max_len), pad_id, jnp.int32),
-        jnp.zeros((batch,), bool),
-        jnp.zeros((batch,), jnp.float32),
-    )
-    _, tokens, _, log_probs = jax.lax.while_loop(keep_going, one_step, init_state)
-    return DecodeOutput(tokens, log_probs)

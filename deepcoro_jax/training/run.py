@@ -1,0 +1,474 @@
+"""A run from its config: tokenizers, model, optimizer, train state, update step.
+
+What the trainer (``train.py``), its eval mode, the tools (``deepcoro_jax/tools``)
+and the benchmarks build from a run's config, each the same way: the tokenizer
+specs (`tokenizer_spec`), the model (`build_model`), durations in any unit
+(`resolve_steps`), the optax chain (`make_optimizer`), the train state born sharded
+(`create_train_state`, `state_shardings`) and its initial weights from a Hugging
+Face text tower or another run (`initial_weights`), and the update step
+(`make_train_step`) with the checks of its metrics (`check_finite`). No TensorFlow
+is imported at the top: only `tokenizer_spec` reads a prepared dataset's metadata.
+
+The train step is one jitted function of (state, batch): the composite forward
+pass, the weighted sum of the contrastive (SigLIP or softmax), caption and MVM
+losses (+ distillation from an EMA teacher when its weight is not 0),
+gradients accumulated over micro-batches, clipping and the update, with the
+state donated.
+
+Not here: the loop, its logging and checkpoint schedule (``train.py``, for
+launch.py alone); the losses (``deepcoro_jax/losses.py``); optimizer components
+and schedules (``optim.py``); checkpoint mechanics (``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepcoro_jax import losses
+from deepcoro_jax.models import multitask
+from deepcoro_jax.models import mvm as mvm_lib
+from deepcoro_jax.training import checkpoint, optim, sharding
+
+LOSS_TERMS = ("contrastive", "caption", "mvm", "distill")
+DURATION_UNITS = ("steps", "examples", "epochs", "percent")  # in order of precedence
+# Nominal dense bf16 matmul peaks (FLOP/s) by exact `device_kind`, for the logged MFU.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+    ema_params: Any  # the EMA teacher, or None when distillation is off
+    rng: jax.Array  # raw uint32[2] base key; step keys are fold_in(rng, step)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss term or the gradient became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- durations
+
+
+def resolve_steps(
+    name: str,
+    section: ml_collections.ConfigDict,
+    *,
+    steps_per_epoch: float | None,
+    global_batch: int,
+    total_steps: int | None = None,
+) -> int | None:
+    """Steps from ``<name>_steps``, ``_examples``, ``_epochs`` or ``_percent``; None if none is set.
+
+    When several are set, the first of that order wins and the others are
+    logged as ignored: a recipe states its duration in one unit, and a
+    command-line override in a more explicit unit (``--config.total_steps=N``
+    over the recipe's ``total_epochs``) takes over without clearing it.
+    `steps_per_epoch` None means epochs are not defined for this input (an
+    error if ``<name>_epochs`` is the unit used); percent is of `total_steps`.
+    """
+    given = {
+        unit: section.get(f"{name}_{unit}")
+        for unit in DURATION_UNITS
+        if section.get(f"{name}_{unit}") is not None
+    }
+    if not given:
+        return None
+    if len(given) > 1:
+        used, *ignored = given
+        logging.warning(
+            "config: %s_%s=%s sets the duration; ignored: %s",
+            name,
+            used,
+            given[used],
+            ", ".join(f"{name}_{u}={given[u]}" for u in ignored),
+        )
+    unit, value = next(iter(given.items()))
+    if value < 0:
+        raise ValueError(f"config: {name}_{unit}={value} must not be negative")
+    if unit == "steps":
+        return int(value)
+    if unit == "epochs":
+        if steps_per_epoch is None:
+            raise ValueError(
+                f"config: {name}_epochs is not defined for this input (study-level examples); "
+                f"give {name}_steps or {name}_examples"
+            )
+        return int(math.ceil(value * steps_per_epoch))
+    if unit == "examples":
+        return int(math.ceil(value / global_batch))
+    if total_steps is None:
+        raise ValueError(f"config: {name}_percent needs the total duration")
+    return int(round(value / 100 * total_steps))
+
+
+# --------------------------------------------------------------------------------- model
+
+
+def tokenizer_spec(spec: str, data_dir: str, text_init: str = "") -> str:
+    """The tokenizer spec a run uses for config.input.{text,caption}_tokenizer `spec`.
+
+    'dataset' means the prepared dataset's own tokenizer, or the WordPiece
+    vocabulary of `text_init` (a Hugging Face folder) when one is given; any other
+    spec is used as it is.
+    """
+    from input_pipeline import dataset_format
+
+    if text_init and spec == "dataset":
+        return f"wordpiece:{text_init}"
+    if spec == "dataset":
+        return dataset_format.tokenizer_spec(data_dir)
+    return spec
+
+
+def build_model(
+    config: ml_collections.ConfigDict, vocab_size: int, pad_id: int
+) -> multitask.MultitaskModel:
+    """The multitask model described by ``config.model`` (and ``config.text_init``)."""
+    m = config.model
+    if len(m.patch_size) != 3:
+        raise ValueError(f"config.model.patch_size={m.patch_size}: give (pt, ph, pw)")
+    return multitask.make_model(
+        vocab_size=vocab_size,
+        size=m.size,
+        text_hf_config=config.text_init or None,
+        num_frames=m.num_frames,
+        image_size=m.image_size,
+        patch_size=tuple(m.patch_size),
+        text_max_len=config.input.text_max_len,
+        caption_max_len=config.input.caption_max_len,
+        pad_id=pad_id,
+        embed_dim=m.embed_dim,
+        contrastive_tokens=m.contrastive_tokens,
+        mask_type=m.mask_type,
+        mask_ratio=m.mask_ratio,
+        normalize_mvm_target=m.normalize_mvm_target,
+        init_temperature=m.init_temperature,
+        init_bias=m.init_bias,
+        dropout=m.dropout,
+        dtype=m.dtype,
+        encoder_overrides=dict(m.encoder_overrides),
+        text_overrides=dict(m.text_overrides),
+        caption_decoder_overrides=dict(m.caption_decoder_overrides),
+    )
+
+
+def uses_mvm(config: ml_collections.ConfigDict) -> bool:
+    """Whether the MVM term is on (a weight of exactly 0 switches masking off)."""
+    weight = config.loss.weights.mvm
+    return not (isinstance(weight, int | float) and weight == 0)
+
+
+def uses_teacher(config: ml_collections.ConfigDict) -> bool:
+    """Whether distillation from an EMA teacher is on (its weight is not exactly 0)."""
+    weight = config.loss.weights.distill
+    return not (isinstance(weight, int | float) and weight == 0)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, params, total_steps: int, warmup_steps: int
+) -> tuple[optax.GradientTransformation, dict[str, optim.Schedule]]:
+    """``config.optim``'s optax chain for `params` and each component's LR schedule."""
+    o = config.optim
+    schedule = {k: v for k, v in o.schedule.items() if not k.startswith("warmup_")}
+    return optim.make_optimizer(
+        params,
+        total_steps=total_steps,
+        lr=o.lr,
+        wd=o.wd,
+        components={k: dict(v) for k, v in o.components.items()},
+        schedule={**schedule, "warmup_steps": warmup_steps},
+        optimizer=o.optimizer,
+        b2=o.b2,
+        grad_clip_norm=o.grad_clip_norm,
+    )
+
+
+def create_train_state(
+    model, tx: optax.GradientTransformation, example_batch: Mapping[str, Any], *, with_teacher: bool
+) -> Callable[[jax.Array], TrainState]:
+    """A function rng -> TrainState, to be jitted with the state's out_shardings.
+
+    `example_batch` gives the shapes and dtypes of a batch (arrays or
+    ShapeDtypeStructs; one example is enough): the zeros the model is
+    initialised on are made inside the function, so no batch is captured.
+    """
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in example_batch.items()}
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        rngs = {"params": init_rng, "dropout": init_rng, "mask": init_rng, "parallel": init_rng}
+        batch = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
+        params = model.init(rngs, batch, train=False, mvm=True)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            # A copy: the state is donated, so no buffer may appear in it twice.
+            ema_params=jax.tree.map(jnp.copy, params) if with_teacher else None,
+            rng=state_rng,
+        )
+
+    return init
+
+
+def state_shardings(abstract_state, config: ml_collections.ConfigDict, mesh: Mesh):
+    """NamedShardings of every leaf of the state, by ``config.sharding_rules``.
+
+    The rules match the full names of the state's arrays: ``params/encoder/...``,
+    ``opt_state/...``, ``ema_params/...``, ``step``, ``rng``.
+    """
+    rules = [tuple(r) for r in config.sharding_rules]
+    return sharding.param_shardings(abstract_state, rules, mesh)
+
+
+def initial_weights(state: TrainState, config, shardings) -> TrainState:
+    """Applies config.text_init (a Hugging Face folder) and config.init (another run)."""
+    params = state.params
+    if config.text_init:
+        from deepcoro_jax.models import text as text_lib
+
+        _, hf_params = text_lib.from_pretrained(config.text_init)
+        params = dict(params)
+        params["text"] = jax.device_put(hf_params, shardings.params["text"])
+    if config.init.workdir:
+        params = checkpoint.load_subset(
+            config.init.workdir,
+            None if config.init.step < 0 else config.init.step,
+            params,
+            include=config.init.include,
+        )
+    if params is state.params:
+        return state
+    ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+    return dataclasses.replace(state, params=params, ema_params=ema)
+
+
+# --------------------------------------------------------------------------------- step
+
+
+def _contrastive_loss(config, out, batch, mesh) -> jax.Array:
+    kind = config.loss.positives
+    if config.loss.contrastive == "sigmoid" and config.loss.sharded_contrastive:
+        loss, _ = losses.sigmoid_loss_sharded(
+            out["video_emb"],
+            out["text_emb"],
+            out["log_temperature"],
+            out["bias"],
+            mesh=mesh,
+            axis_name=sharding.DATA_AXES,
+            same_report_ids=batch["text_ids"] if kind == "same_report" else None,
+        )
+        return loss
+    positives = losses.contrastive_positives(kind, batch["text_ids"])
+    if config.loss.contrastive == "sigmoid":
+        loss, _ = losses.sigmoid_loss(
+            out["video_emb"], out["text_emb"], out["log_temperature"], out["bias"], positives
+        )
+        return loss
+    if config.loss.contrastive == "softmax":
+        loss, _ = losses.softmax_loss(
+            out["video_emb"], out["text_emb"], out["log_temperature"], positives
+        )
+        return loss
+    raise ValueError(f"config.loss.contrastive={config.loss.contrastive!r}: 'sigmoid' or 'softmax'")
+
+
+def masked_tubelet_count(model: multitask.MultitaskModel, batch: Mapping[str, Any]) -> jax.Array:
+    """Masked tubelets of the real videos of `batch`: the MVM normaliser (float32 scalar)."""
+    video = batch["video"]
+    grid = mvm_lib.tubelet_grid(video.shape[-4:], model.encoder.patch_size)
+    mask_fn = multitask.MASK_FUNCTIONS[model.mask_type]
+    _, masked = jax.eval_shape(lambda: mask_fn(jax.random.key(0), 1, grid, model.mask_ratio))
+    per_video = masked.shape[1]
+    if video.ndim == 6:  # studies [B, V, T, H, W, C]: only the real videos count
+        num_videos = jnp.sum(batch["video_mask"].astype(jnp.float32))
+    else:
+        num_videos = jnp.float32(video.shape[0])
+    return jnp.maximum(num_videos * per_video, 1.0)
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    schedules: Mapping[str, Callable],
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """(state, batch) -> (state, metrics): one optimizer update over ``grad_accum_steps``.
+
+    Accumulation splits the batch into k micro-batches (micro-batch i holds
+    examples i, i+k, i+2k, ..., so every device works on each) and sums their
+    gradients. The caption, MVM and distillation terms are sums over tokens or
+    tubelets normalised by the counts of the WHOLE batch, so they equal one
+    large step exactly. The contrastive term does not decompose: each video is
+    compared only with the reports of its own micro-batch (fewer negatives),
+    and the mean over micro-batches is used; with k=1 every term is exact.
+    Each micro-batch i draws its dropout and MVM masks from
+    ``fold_in(fold_in(state.rng, state.step), i)``.
+
+    The EMA teacher (when the distill weight is not 0) sees the same rngs as
+    the student and is updated once per step, after the parameters.
+    """
+    k = config.grad_accum_steps
+    with_mvm, with_teacher = uses_mvm(config), uses_teacher(config)
+    weights = config.loss.weights
+    label_smoothing = config.loss.label_smoothing
+    distill_temperature = config.loss.distill_temperature if with_teacher else None
+    ema_decay = config.loss.ema_decay if with_teacher else None
+    micro_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXES))
+    # The teacher's caption logits depend on the MVM mask only when the caption
+    # decoder reads the visible tokens.
+    teacher_mvm = with_mvm and model.contrastive_tokens == "masked"
+
+    def loss_fn(params, teacher_params, batch, rng, counts, step):
+        rngs = dict(zip(("dropout", "mask", "parallel"), jax.random.split(rng, 3), strict=True))
+        out, _ = model.apply({"params": params}, batch, train=True, mvm=with_mvm, rngs=rngs)
+        _, caption_aux = losses.caption_loss(
+            out["caption_logits"], batch["caption_out"], batch["caption_mask"], label_smoothing
+        )
+        terms = {
+            "contrastive": _contrastive_loss(config, out, batch, mesh) / k,
+            "caption": caption_aux["loss_sum"] / counts["caption"],
+        }
+        if with_mvm:
+            _, mvm_aux = losses.mvm_loss(out["mvm_pred"], out["mvm_target"], out["mvm_mask"])
+            terms["mvm"] = mvm_aux["loss_sum"] / counts["mvm"]
+        if with_teacher:
+            teacher_out, _ = model.apply(
+                {"params": teacher_params}, batch, train=True, mvm=teacher_mvm, rngs=rngs
+            )
+            _, distill_aux = losses.distillation_loss(
+                out["caption_logits"],
+                teacher_out["caption_logits"],
+                distill_temperature,
+                mask=batch["caption_mask"],
+            )
+            kl_sum = distill_aux["kl"] * distill_aux["num_examples"]
+            terms["distill"] = distill_temperature**2 * kl_sum / counts["caption"]
+        weighted = {n: optim.loss_weight(weights[n], step) * v for n, v in terms.items()}
+        return sum(weighted.values()), (terms, weighted)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    term_names = loss_term_names(config)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        counts = {"caption": jnp.maximum(jnp.sum(batch["caption_mask"]), 1).astype(jnp.float32)}
+        if with_mvm:
+            counts["mvm"] = masked_tubelet_count(model, batch)
+
+        def micro_grads(micro_batch, index):
+            (_, (terms, weighted)), grads = grad_fn(
+                state.params,
+                state.ema_params,
+                micro_batch,
+                jax.random.fold_in(rng, index),
+                counts,
+                state.step,
+            )
+            return grads, terms, weighted
+
+        if k == 1:
+            # No loop around a single micro-batch: XLA optimises a loop body less
+            # (on CPU the convolutions' gradients stay in slow layouts there: the
+            # conv stem's step ran 13x slower inside a one-iteration scan).
+            grads, terms, weighted = micro_grads(batch, 0)
+        else:
+
+            def split(x):
+                micro = x.reshape(x.shape[0] // k, k, *x.shape[1:])  # [B/k, k, ...]
+                return jnp.swapaxes(micro, 0, 1)  # [k, B/k, ...]: micro-batch i = examples i::k
+
+            micro_batches = jax.lax.with_sharding_constraint(
+                jax.tree.map(split, batch), micro_sharding
+            )
+
+            def accumulate(carry, inputs):
+                return jax.tree.map(jnp.add, carry, micro_grads(*inputs)), None
+
+            zero_terms = {n: jnp.zeros((), jnp.float32) for n in term_names}
+            init = (jax.tree.map(jnp.zeros_like, state.params), zero_terms, dict(zero_terms))
+            (grads, terms, weighted), _ = jax.lax.scan(
+                accumulate, init, (micro_batches, jnp.arange(k))
+            )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if with_teacher:
+            ema_params = jax.tree.map(
+                lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params
+            )
+        metrics = {
+            "loss": sum(weighted.values()),
+            **{f"loss/{n}": v for n, v in terms.items()},
+            **{f"loss_weighted/{n}": v for n, v in weighted.items()},
+            "l2_grads": optax.global_norm(grads),
+            "l2_params": optax.global_norm(params),
+            "l2_updates": optax.global_norm(updates),
+            "temperature": jnp.exp(params["log_temperature"]),
+            "bias": params["bias"],
+            **{f"lr/{n}": fn(state.step) for n, fn in schedules.items()},
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def loss_term_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The loss terms a run with `config` computes, in LOSS_TERMS order."""
+    on = {"contrastive": True, "caption": True, "mvm": uses_mvm(config)}
+    on["distill"] = uses_teacher(config)
+    return [name for name in LOSS_TERMS if on[name]]
+
+
+def check_finite(metrics: Mapping[str, Any], step: int) -> None:
+    """Raises NonFiniteError naming every loss term (or the gradient) that is not finite."""
+    bad = [
+        name
+        for name in sorted(metrics)
+        if (name == "loss" or name.startswith("loss/") or name == "l2_grads")
+        and not np.isfinite(metrics[name])
+    ]
+    if bad:
+        terms = ", ".join(
+            f"the gradient (l2_grads = {metrics[n]})" if n == "l2_grads" else f"{n} = {metrics[n]}"
+            for n in bad
+        )
+        raise NonFiniteError(
+            f"non-finite training at step {step}: {terms}; stopped before any checkpoint "
+            "of this state was written"
+        )
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """The nominal dense bf16 peak of `device` (FLOP/s), or None when unknown (e.g. CPU)."""
+    return PEAK_FLOPS.get(getattr(device, "device_kind", ""))
