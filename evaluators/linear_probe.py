@@ -1,29 +1,40 @@
 """Linear probes on frozen video embeddings: AUROC for binary labels, MAE for continuous ones.
 
-For: the probe heads (``fit_logistic``, ``fit_ridge``: NumPy, float64, on
-standardised features), the metrics (``auroc`` with ties, ``bootstrap_auroc_ci``,
-``probe_metrics``) and ``Evaluator`` (``type='linear_probe'`` in
-``config.evals``), which embeds a train and an eval split with the frozen model
-(``encode_video``'s normalised ``video_emb``), fits one head per label column
-carried by prepare on the train split and scores it on the eval split:
+For: the probe heads (``fit_logistic``, ``fit_ridge``), the metrics (``auroc``,
+``bootstrap_auroc_ci``, ``probe_metrics``) and ``Evaluator``
+(``type='linear_probe'`` in ``config.evals``), which embeds a train and an eval
+split with the frozen model (``encode_video``'s normalised ``video_emb``), fits
+one head per label column carried by prepare on the train split and scores it
+on the eval split:
 
 - a label whose values (both splits, missing ones aside) are all 0 or 1 is
-  binary: an L2-regularised logistic regression, fitted by Newton's method,
-  gives '<label>/auroc' and its bootstrap 95% CI '<label>/auroc_ci_low',
-  '<label>/auroc_ci_high' (resampling the eval examples; seeded);
-- any other label is continuous: ridge regression (closed form) gives '<label>/mae';
+  binary: an L2-regularised logistic regression gives '<label>/auroc' and its
+  bootstrap 95% CI '<label>/auroc_ci_low', '<label>/auroc_ci_high' (resampling
+  the eval examples; seeded);
+- any other label is continuous: ridge regression gives '<label>/mae';
 - '<label>/num_examples' counts the eval examples scored. Rows whose label is
   missing (NaN) are left out of both the fit and the score. A label that cannot
   be probed (no labelled rows, one class only in either split) is skipped with
   a warning.
 
-The regularisation is ``l2 * ||w||^2 / 2`` added to the summed log-loss
-(logistic; scikit-learn's ``C = 1 / l2``) or ``l2 * ||w||^2`` added to the
-summed squared error (ridge), on features standardised with the labelled train
-rows' mean and standard deviation; the intercept is not penalised.
+scikit-learn does the numerical work, in float64: ``StandardScaler`` (the
+labelled train rows' mean and standard deviation), ``LogisticRegression``
+(solver 'newton-cholesky': Newton steps on the exact Hessian), ``Ridge``
+(solver 'cholesky': the closed form, or its dual when there are fewer examples
+than features), ``roc_auc_score`` (ties count one half) and
+``mean_absolute_error``. What is ours: choosing the head per label, the
+bootstrap, and leaving out missing labels.
 
-Not for: exporting embeddings (``deepcoro_jax/export.py``), clinical metrics of
-generated reports (``captioning.py``).
+The regularisation is fixed by ``l2`` (default 1): ``l2 * ||w||^2 / 2`` added to
+the summed log-loss (logistic: ``C = 1 / l2``) or ``l2 * ||w||^2`` added to the
+summed squared error (ridge: ``alpha = l2``), on the standardised features; the
+intercept is not penalised. It is not tuned: CLIP's linear probes (and
+CLIP_benchmark's, when given a validation split) sweep it on a held-out part of
+the train data and keep the best; here one setting is kept for every
+evaluation of a run, so that the numbers move only with the embeddings.
+
+Not for: exporting embeddings (``deepcoro_jax/tools/export.py``), clinical
+metrics of generated reports (``captioning.py``).
 """
 
 from __future__ import annotations
@@ -34,12 +45,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import mean_absolute_error, roc_auc_score
+from sklearn.preprocessing import StandardScaler
 
 from evaluators import common
 
-_BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22  # resamples x examples per chunk of the bootstrap
 _NEWTON_MAX_STEPS = 100
-_NEWTON_TOLERANCE = 1e-16  # on half the squared Newton decrement (quadratic convergence)
+# On max |gradient| and half the squared Newton decrement of scikit-learn's objective,
+# which is ours divided by the number of examples; Newton converges quadratically.
+_NEWTON_TOLERANCE = 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +72,10 @@ class LinearHead:
         return standardised @ self.weights + self.bias
 
 
-def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    features = np.asarray(features, np.float64)
-    mean = features.mean(axis=0)
-    scale = features.std(axis=0)
-    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant feature stays 0
-    return (features - mean) / scale, mean, scale
-
-
-def _check_fit_inputs(features: np.ndarray, labels: np.ndarray, l2: float, what: str) -> None:
+def _check_fit_inputs(
+    features: np.ndarray, labels: np.ndarray, l2: float, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    features, labels = np.asarray(features, np.float64), np.asarray(labels, np.float64)
     if features.ndim != 2 or labels.shape != (features.shape[0],) or not len(labels):
         raise ValueError(f"{what}: need features [N, E] and labels [N] with N > 0, got "
                          f"{features.shape} and {labels.shape}")
@@ -73,62 +83,34 @@ def _check_fit_inputs(features: np.ndarray, labels: np.ndarray, l2: float, what:
         raise ValueError(f"{what}: labels must be finite (drop the missing rows first)")
     if l2 <= 0:
         raise ValueError(f"{what}: l2={l2} must be positive")
+    return features, labels
 
 
 def fit_ridge(features: np.ndarray, labels: np.ndarray, l2: float) -> LinearHead:
-    """Ridge regression: argmin sum (y - x.w - b)^2 + l2 ||w||^2, in closed form."""
-    features, labels = np.asarray(features), np.asarray(labels, np.float64)
-    _check_fit_inputs(features, labels, l2, "fit_ridge")
-    x, mean, scale = _standardise(features)  # [N, E], columns centred
-    bias = labels.mean()  # the intercept of centred features
-    centred = labels - bias
-    num_examples, dim = x.shape
-    if num_examples >= dim:
-        weights = np.linalg.solve(x.T @ x + l2 * np.eye(dim), x.T @ centred)
-    else:  # the dual: the same solution from an N x N system
-        weights = x.T @ np.linalg.solve(x @ x.T + l2 * np.eye(num_examples), centred)
-    return LinearHead(weights, float(bias), mean, scale)
+    """Ridge regression: argmin sum (y - x.w - b)^2 + l2 ||w||^2 on standardised x,
+    in closed form (``Ridge(alpha=l2, solver='cholesky')``)."""
+    features, labels = _check_fit_inputs(features, labels, l2, "fit_ridge")
+    scaler = StandardScaler().fit(features)
+    ridge = Ridge(alpha=l2, solver="cholesky").fit(scaler.transform(features), labels)
+    return LinearHead(ridge.coef_, float(ridge.intercept_), scaler.mean_, scaler.scale_)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float) -> LinearHead:
-    """L2-regularised logistic regression by Newton's method with a backtracking line search.
+    """L2-regularised logistic regression on standardised features.
 
     Minimises sum_i [log(1 + exp(z_i)) - y_i z_i] + l2 ||w||^2 / 2 with
-    z = x.w + b. Labels must hold both 0 and 1.
+    z = x.w + b: ``LogisticRegression(C=1 / l2, solver='newton-cholesky')``.
+    Labels must hold both 0 and 1.
     """
-    features, labels = np.asarray(features), np.asarray(labels, np.float64)
-    _check_fit_inputs(features, labels, l2, "fit_logistic")
+    features, labels = _check_fit_inputs(features, labels, l2, "fit_logistic")
     if not np.all((labels == 0) | (labels == 1)) or len(np.unique(labels)) != 2:
         raise ValueError("fit_logistic: labels must be 0 or 1, with both present")
-    x, mean, scale = _standardise(features)
-    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # [N, E + 1]
-    penalty = np.full(design.shape[1], float(l2))
-    penalty[-1] = 0.0  # the intercept
-
-    def objective(params: np.ndarray) -> float:
-        logits = design @ params
-        return float(np.sum(np.logaddexp(0.0, logits) - labels * logits)
-                     + 0.5 * np.sum(penalty * params**2))
-
-    params = np.zeros(design.shape[1])
-    value = objective(params)
-    for _ in range(_NEWTON_MAX_STEPS):
-        probs = np.exp(-np.logaddexp(0.0, -(design @ params)))  # sigmoid, without overflow
-        gradient = design.T @ (probs - labels) + penalty * params
-        hessian = design.T @ (design * (probs * (1.0 - probs))[:, None]) + np.diag(penalty)
-        step = np.linalg.solve(hessian, gradient)
-        decrement = float(gradient @ step)  # squared Newton decrement
-        if decrement / 2 <= _NEWTON_TOLERANCE:
-            break
-        size = 1.0  # backtracking (Armijo) line search along the Newton step
-        candidate_value = objective(params - step)
-        while candidate_value > value - 0.25 * size * decrement:
-            size /= 2
-            if size < 1e-10:  # no descent left at floating-point precision
-                return LinearHead(params[:-1], float(params[-1]), mean, scale)
-            candidate_value = objective(params - size * step)
-        params, value = params - size * step, candidate_value
-    return LinearHead(params[:-1], float(params[-1]), mean, scale)
+    scaler = StandardScaler().fit(features)
+    logistic = LogisticRegression(C=1.0 / l2, solver="newton-cholesky",
+                                  tol=_NEWTON_TOLERANCE, max_iter=_NEWTON_MAX_STEPS)
+    logistic.fit(scaler.transform(features), labels)  # classes_ [0, 1]: logits of 1
+    return LinearHead(logistic.coef_[0], float(logistic.intercept_[0]), scaler.mean_,
+                      scaler.scale_)
 
 
 def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, ...]:
@@ -143,30 +125,13 @@ def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str) -> tuple[np
     return scores, labels.astype(np.float64)
 
 
-def _weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC [R] of R weightings [R, N] of one sample (NaN where a class has no weight).
-
-    The probability that a positive scores above a negative, ties counting one half.
-    """
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    group_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    weights = weights[:, order]  # [R, N]
-    positives = np.add.reduceat(weights * labels[order], group_starts, axis=1)  # [R, G]
-    negatives = np.add.reduceat(weights * (1.0 - labels[order]), group_starts, axis=1)  # [R, G]
-    negatives_below = np.cumsum(negatives, axis=1) - negatives  # [R, G]
-    wins = np.sum(positives * (negatives_below + 0.5 * negatives), axis=1)  # [R]
-    pairs = positives.sum(axis=1) * negatives.sum(axis=1)  # [R]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, wins / pairs, np.nan)
-
-
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties 1/2."""
+    """Area under the ROC curve (``roc_auc_score``): P(score of a positive > score of a
+    negative), ties counting one half."""
     scores, labels = _check_binary(scores, labels, "auroc")
     if len(np.unique(labels)) != 2:
         raise ValueError("auroc: labels must hold both classes")
-    return float(_weighted_auroc(scores, labels, np.ones((1, len(scores))))[0])
+    return float(roc_auc_score(labels, scores))
 
 
 def bootstrap_auroc_ci(
@@ -178,6 +143,8 @@ def bootstrap_auroc_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of the AUROC: resamples the examples with replacement.
 
+    Each resample is the number of times each example is drawn (a multinomial
+    draw), scored by ``roc_auc_score`` with those counts as sample weights.
     Resamples holding one class only are dropped. Returns (low, high); NaN when
     no resample holds both classes.
     """
@@ -187,16 +154,14 @@ def bootstrap_auroc_ci(
                          f"{num_resamples} and {level}")
     rng = np.random.default_rng(seed)
     num_examples = len(scores)
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // num_examples)
+    uniform = np.full(num_examples, 1.0 / num_examples)
+    positive = labels == 1
     values = []
-    for start in range(0, num_resamples, chunk):
-        size = min(chunk, num_resamples - start)
-        counts = rng.multinomial(num_examples, np.full(num_examples, 1.0 / num_examples),
-                                 size=size)  # [R, N] times each example is drawn
-        values.append(_weighted_auroc(scores, labels, counts.astype(np.float64)))
-    values = np.concatenate(values)
-    values = values[~np.isnan(values)]
-    if not len(values):
+    for _ in range(num_resamples):
+        counts = rng.multinomial(num_examples, uniform)  # [N] times each example is drawn
+        if counts[positive].any() and counts[~positive].any():
+            values.append(roc_auc_score(labels, scores, sample_weight=counts))
+    if not values:
         return float("nan"), float("nan")
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
@@ -239,7 +204,7 @@ def probe_metrics(
         return {}
     if not is_binary(train_labels, eval_labels):
         head = fit_ridge(train_features, train_labels, l2)
-        mae = np.mean(np.abs(head.predict(eval_features) - eval_labels))
+        mae = mean_absolute_error(eval_labels, head.predict(eval_features))
         return {"mae": float(mae), "num_examples": float(len(eval_labels))}
     for split, values in (("train", train_labels), ("eval", eval_labels)):
         if len(np.unique(values)) != 2:

@@ -2,11 +2,15 @@
 
 For: scoring generated reports against their references, one reference per
 example, as in captioning papers. BLEU comes from sacrebleu and ROUGE-L from
-rouge-score (their default settings, so numbers compare with published ones);
-CIDEr-D is implemented here. These are secondary for angiography reports (a
-changed percent barely moves them): the clinical metrics are in captioning.py.
+rouge-score (their default settings, so numbers compare with published ones).
+CIDEr-D is computed here, in plain Python: it gives the numbers of the COCO
+caption evaluation's ``Cider`` (pycocoevalcap) on the same tokens, which the
+tests check, without that package's Java tokeniser. These are secondary for
+angiography reports (a changed percent barely moves them): the clinical metrics
+are in captioning.py.
 
-Not for: parsing findings or clinical metrics (captioning.py), decoding (decode.py).
+Not for: parsing findings or clinical metrics (captioning.py), decoding
+(deepcoro_jax/models/decode.py).
 
 Scales: BLEU-4 in [0, 100] (sacrebleu's), ROUGE-L F in [0, 1], CIDEr-D in [0, 10].
 """
@@ -69,7 +73,7 @@ def _ngram_counts(tokens: list[str]) -> Counter:
 
 
 def cider_d(generated: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus CIDEr-D (Vedantam et al. 2015, as in coco-caption), one reference each.
+    """Corpus CIDEr-D (Vedantam et al. 2015), one reference each: coco-caption's ``Cider``.
 
     For each n in 1..4, candidate and reference become TF-IDF vectors over n-grams:
     weight = count in the sentence x log(#examples / max(1, #references containing
@@ -78,10 +82,16 @@ def cider_d(generated: Sequence[str], references: Sequence[str]) -> float:
     clipped by the reference's; 0 when either norm is 0), times the length penalty
     exp(-(len_cand - len_ref)^2 / (2 * 6^2)) with lengths in tokens (`cider_tokens`).
     An example's score is 10 x the mean over n; the corpus score is the mean over
-    examples. (coco-caption measures lengths in bigrams; it differs only for
-    sentences under two tokens.) IDF weights depend on the corpus, so scores compare
-    only across the same reference set; a corpus of one example scores 0 (every
-    n-gram is in every reference).
+    examples. IDF weights depend on the corpus, so scores compare only across the
+    same reference set; a corpus of one example scores 0 (every n-gram is in every
+    reference).
+
+    coco-caption (pycocoevalcap's ``Cider``, given the same tokens joined by spaces)
+    computes the same: its document frequency counts the examples whose references
+    hold the n-gram (with one reference each, the references), and it measures
+    lengths in bigrams, max(len - 1, 0), which changes no score: the difference of
+    two lengths is the same when both sentences have a token, and an empty one
+    scores 0 either way.
     """
     _check_pairs(generated, references)
     candidate_counts = [_ngram_counts(cider_tokens(text)) for text in generated]

@@ -1,16 +1,19 @@
 """Tests for evaluators/captioning.py (clinical metrics on hand-made report pairs with
 known answers) and evaluators/text_metrics.py (BLEU-4, ROUGE-L and CIDEr-D against
-independent re-computations written here)."""
+independent re-computations written here, and CIDEr-D against the COCO caption
+evaluation's own code, pycocoevalcap's ``Cider``)."""
 
 import math
 from collections import Counter
 
 import numpy as np
 import pytest
+from pycocoevalcap.cider.cider import Cider
 
-from deepcoro_jax import reports
-from deepcoro_jax.reports import Findings, Lesion
+from deepcoro_jax.domain import reports
+from deepcoro_jax.domain.reports import Findings, Lesion
 from evaluators import captioning, text_metrics
+from input_pipeline import synthetic_findings
 
 # ----------------------------------------------------------------------------- clinical
 
@@ -74,7 +77,7 @@ def test_clinical_metrics_on_hand_made_pairs(hand_made_pairs):
 
 def test_identical_findings_differently_phrased_are_perfect():
     rng = np.random.default_rng(5)
-    findings = [reports.random_findings(rng) for _ in range(30)]
+    findings = [synthetic_findings.random_findings(rng) for _ in range(30)]
     findings.append(Findings({"prox_rca": Lesion(100.0, cto=True)}))
     references = [rendered(f, i) for i, f in enumerate(findings)]
     generated = [rendered(f, 1000 + i) for i, f in enumerate(findings)]
@@ -267,6 +270,43 @@ def test_cider_d_matches_an_independent_computation():
         reference_cider_d(generated, references), rel=1e-12)
     assert text_metrics.cider_tokens("Severe 80.5% stenosis, mid-LAD.") == [
         "severe", "80.5", "%", "stenosis", "mid", "lad"]
+
+
+def coco_cider(generated, references):
+    """coco-caption's CIDEr-D (pycocoevalcap's ``Cider``) on our tokens, joined by spaces
+    as its tokeniser's output would be."""
+    joined = lambda text: " ".join(text_metrics.cider_tokens(text))
+    score, _ = Cider().compute_score({i: [joined(r)] for i, r in enumerate(references)},
+                                     {i: [joined(g)] for i, g in enumerate(generated)})
+    return float(score)
+
+
+def test_cider_d_equals_coco_captions_cider():
+    rng = np.random.default_rng(11)
+
+    def random_findings():
+        lesions = {}
+        for segment in rng.choice(reports.SEGMENTS, size=rng.integers(0, 4), replace=False):
+            percent = float(rng.choice([30, 45, 55, 70, 80, 90, 100]))
+            lesions[str(segment)] = Lesion(percent, cto=percent == 100 and rng.random() < 0.5)
+        return Findings(lesions, str(rng.choice(reports.DOMINANCES)))
+
+    findings = [random_findings() for _ in range(40)]
+    references = [rendered(f, i) for i, f in enumerate(findings)]
+    perturbations = (
+        lambda i, text: rendered(findings[i], 1000 + i),  # the same findings, other phrasing
+        lambda i, text: rendered(findings[(i + 1) % len(findings)], 2000 + i),  # another's
+        lambda i, text: text.replace("0", "5"),  # other percents
+        lambda i, text: " ".join(text.split()[:6] + text.split()),  # repeats: clipping
+        lambda i, text: " ".join(text.split()[:int(rng.integers(1, 8))]),  # truncated
+    )
+    generated = [perturbations[i % 5](i, text) for i, text in enumerate(references)]
+    generated[:3] = ["", "Normal", references[2]]  # empty, one token, exact
+    references[5] = "Normal."  # one token against a whole report
+    for size in (2, 7, 40):  # the IDF weights of corpora of different sizes
+        ours = text_metrics.cider_d(generated[:size], references[:size])
+        assert abs(ours - coco_cider(generated[:size], references[:size])) <= 1e-12, size
+    assert 1 < ours < 9
 
 
 def test_text_metrics_keys_and_errors():

@@ -1,8 +1,9 @@
 """The linear-probe evaluator: AUROC, its bootstrap CI, the heads, and the plugin's wiring.
 
-The metric and the heads are checked against independent formulas (Mann-Whitney
-U with average ranks, the logistic optimality condition, a known linear map);
-the plugin on the tiny set's train split on 8 devices (batch 8) and 1 device
+The metric and the heads (scikit-learn's) are checked against independent formulas
+(Mann-Whitney U with average ranks, the logistic optimality condition, a known
+linear map, the ridge normal equations), the bootstrap against resamples drawn
+here; the plugin on the tiny set's train split on 8 devices (batch 8) and 1 device
 (batch 4), against a probe fitted on embeddings computed clip by clip.
 """
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from evaltools import init_params, make_context, micro_config, without_labels
 
-from deepcoro_jax import sharding
+from deepcoro_jax.training import sharding
 from evaluators import common, linear_probe
 
 SPLIT = "train"  # the tiny set's largest split: the probe is fitted and scored on it
@@ -63,6 +64,25 @@ def test_bootstrap_ci_matches_a_loop_over_resamples():
     assert low < linear_probe.auroc(scores, labels) < high
 
 
+def test_bootstrap_ci_is_the_percentiles_of_resampled_aurocs():
+    rng = np.random.default_rng(7)
+    scores = rng.integers(0, 6, size=30).astype(float)  # ties, also across resamples
+    labels = (scores + rng.normal(size=30) > 2.5).astype(int)
+    labels[:4] = (0, 1, 0, 1)
+    for size in (30, 4):  # with 4 examples, some resamples hold one class only: dropped
+        draw = np.random.default_rng(9)  # the evaluator's stream: one multinomial per resample
+        values = []
+        for _ in range(100):
+            counts = draw.multinomial(size, np.full(size, 1 / size))
+            pick = np.repeat(np.arange(size), counts)  # the resample, duplicates and all
+            if 0 < labels[pick].sum() < size:
+                values.append(mann_whitney_auroc(scores[pick], labels[pick]))
+        assert (len(values) < 100) == (size == 4)
+        np.testing.assert_allclose(
+            linear_probe.bootstrap_auroc_ci(scores[:size], labels[:size], 100, seed=9),
+            np.percentile(values, [2.5, 97.5]), rtol=1e-12)
+
+
 def test_a_separable_problem_gives_auroc_one():
     rng = np.random.default_rng(2)
 
@@ -76,7 +96,8 @@ def test_a_separable_problem_gives_auroc_one():
     metrics = linear_probe.probe_metrics(train_x, train_y, eval_x, eval_y, l2=1.0,
                                          bootstrap=200, seed=0)
     assert metrics["auroc"] == 1.0
-    assert metrics["auroc_ci_low"] == metrics["auroc_ci_high"] == 1.0
+    assert metrics["auroc_ci_low"] == pytest.approx(1.0, abs=1e-12)  # roc_auc_score's rounding
+    assert metrics["auroc_ci_high"] == pytest.approx(1.0, abs=1e-12)
     assert metrics["num_examples"] == 100
 
 
@@ -89,8 +110,8 @@ def test_logistic_head_satisfies_the_optimality_condition():
     standardised = (features - features.mean(0)) / features.std(0)
     probs = 1 / (1 + np.exp(-(standardised @ head.weights + head.bias)))
     np.testing.assert_allclose(standardised.T @ (probs - labels) + l2 * head.weights, 0,
-                               atol=1e-6)
-    np.testing.assert_allclose(np.sum(probs - labels), 0, atol=1e-6)  # unpenalised intercept
+                               atol=1e-9)  # also: scikit-learn's C is 1 / l2
+    np.testing.assert_allclose(np.sum(probs - labels), 0, atol=1e-9)  # unpenalised intercept
     np.testing.assert_allclose(head.predict(features), np.log(probs / (1 - probs)), rtol=1e-8)
 
 
