@@ -10,7 +10,8 @@ jitted), scores it with these and the text metrics (text_metrics.py), measures
 the teacher-forced perplexity of the references, and writes the reports to
 ``<workdir>/captions/<name>_<step>.csv``.
 
-Not for: the decoding loops (deepcoro_jax/models/decode.py), the text-overlap metrics
+Not for: the decoding loops (deepcoro_jax/models/decode.py, run by the ``generate``
+predict function of deepcoro_jax/training/run.py), the text-overlap metrics
 (text_metrics.py), or the report schema and parser themselves
 (deepcoro_jax/domain/reports.py).
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,7 +44,6 @@ import numpy as np
 
 from deepcoro_jax import losses, paths
 from deepcoro_jax.domain import reports
-from deepcoro_jax.models import decode
 from evaluators import common, text_metrics
 
 
@@ -162,14 +162,16 @@ STRATEGIES = ("greedy", "beam")
 CSV_COLUMNS = ("study_id", "row", "reference", "generated")
 
 
-class Evaluator:
+@common.register("captioning")
+class Evaluator(common.Evaluator):
     """Writes a report for every video of a split and scores it against the study's report.
 
-    One jitted function per batch encodes the videos once, decodes a report from
-    the encoder tokens on the KV cache (``strategy`` 'greedy', or 'beam' with
-    ``beam_size`` and ``length_penalty``; at most ``max_len`` tokens, default
-    ``config.input.caption_max_len``), and scores the reference under teacher
-    forcing. Metrics, all over the split's videos:
+    One jitted function per batch encodes the videos once (``encode_video``),
+    decodes a report from the encoder tokens on the KV cache (``generate``:
+    ``strategy`` 'greedy', or 'beam' with ``beam_size`` and ``length_penalty``; at
+    most ``max_len`` tokens, default ``config.input.caption_max_len``), and scores
+    the reference under teacher forcing (``caption_logits``). Metrics, all over
+    the split's videos:
 
     - bleu4, rouge_l, cider_d: ``text_metrics.text_metrics``;
     - every key of ``clinical_metrics(generated, references)``;
@@ -188,6 +190,7 @@ class Evaluator:
     ``CSV_COLUMNS``, one line per video in manifest row order.
     """
 
+    PREDICT = ("encode_video", "caption_logits", "generate")
     HEADLINE = (
         "parse_rate",
         "severity_macro_f1",
@@ -199,80 +202,68 @@ class Evaluator:
 
     def __init__(
         self,
-        ctx: common.EvalContext,
+        predict_fns: Mapping[str, common.PredictFn],
+        spec: common.EvalSpec,
         *,
-        name: str,
-        split: str = "val",
-        batch_size: int = 32,
         strategy: str = "greedy",
         beam_size: int = 4,
         length_penalty: float = 0.6,
         max_len: int | None = None,
+        **base: Any,
     ):
-        where = f"config.evals.{name}"
-        common.check_batch_size(batch_size, ctx.mesh, where)
+        super().__init__(predict_fns, spec, **base)
+        where = self.where
         if strategy not in STRATEGIES:
             raise ValueError(f"{where}.strategy={strategy!r}: choose one of {STRATEGIES}")
         if beam_size < 1:
             raise ValueError(f"{where}.beam_size={beam_size} must be at least 1")
         if not length_penalty >= 0:
             raise ValueError(f"{where}.length_penalty={length_penalty} must be >= 0")
-        decoder = ctx.model.caption_decoder
-        max_len = ctx.config.input.caption_max_len if max_len is None else max_len
-        if not 1 <= max_len <= decoder.max_len:
+        max_len = spec.caption_max_len if max_len is None else max_len
+        if not 1 <= max_len <= spec.max_decode_len:
             raise ValueError(
-                f"{where}.max_len={max_len} must be in [1, {decoder.max_len}] (the caption "
+                f"{where}.max_len={max_len} must be in [1, {spec.max_decode_len}] (the caption "
                 "decoder's position table, config.input.caption_max_len)"
             )
-        common.require_split(ctx, split)
-        self.ctx, self.name, self.split, self.batch_size = ctx, name, split, batch_size
+        common.require_split(spec, self.split)
         self.max_len = max_len
-        model, tok = ctx.model, ctx.caption_tokenizer
-        special_ids = dict(
-            bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=max_len
-        )
+        tok = spec.caption_tokenizer
         self.eos_id = tok.eos_id
-
-        def generate(decoder_params, memory, memory_mask) -> jax.Array:
-            if strategy == "beam":
-                out = decode.beam_search(
-                    decoder, decoder_params, memory, memory_mask, **special_ids,
-                    beam_size=beam_size, length_penalty=length_penalty,
-                )
-            else:
-                out = decode.greedy(decoder, decoder_params, memory, memory_mask, **special_ids)
-            return out.tokens  # [B, max_len]
+        decode_options = dict(
+            strategy=strategy, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
+        )
+        encode_video, caption_logits, generate = (
+            self.predict_fns[name] for name in self.PREDICT
+        )
 
         def token_losses(logits, targets, mask):
             _, aux = losses.caption_loss(logits[None], targets[None], mask[None])
             return aux["loss_sum"], aux["num_tokens"]
 
         def caption(params, batch):
-            variables = {"params": params}
-            _, video_aux = model.apply(variables, batch["video"], method="encode_video")
-            memory, memory_mask = video_aux["video_tokens"], video_aux["video_token_mask"]
-            logits = model.apply(
-                variables, memory, memory_mask, batch["caption_in"], method="caption_logits"
-            )  # [B, Lc, vocab]
+            video = encode_video(params, {"video": batch["video"]})
+            memory = {k: video[k] for k in ("video_tokens", "video_token_mask")}
+            logits = caption_logits(params, {**memory, "caption_in": batch["caption_in"]})
             ce_sum, num_tokens = jax.vmap(token_losses)(
-                logits, batch["caption_out"], batch["caption_mask"]
+                logits["caption_logits"], batch["caption_out"], batch["caption_mask"]
             )  # [B], [B]
-            tokens = generate(params["caption_decoder"], memory, memory_mask)
+            tokens = generate(params, memory, **decode_options)["tokens"]  # [B, max_len]
             return {"tokens": tokens, "ce_sum": ce_sum, "num_tokens": num_tokens}
 
-        self._predict = common.make_predict(caption, ctx.mesh)
+        self._predict = common.make_predict(caption, spec.mesh)
 
     def run(self, params: Any, step: int) -> dict[str, float]:
         out = common.predict_split(
-            self.ctx,
+            self.spec,
             self._predict,
             params,
             split=self.split,
-            pp=self.ctx.pp(caption=True),
+            pp=self.spec.pp(caption=True),
             batch_size=self.batch_size,
         )
-        facts = common.join_rows(common.split_table(self.ctx.data_dir, self.split), out["row"])
-        tok = self.ctx.caption_tokenizer
+        facts = common.join_rows(common.split_table(self.spec.data_dir, self.split), out["row"])
+        tok = self.spec.caption_tokenizer
         generated = [tok.decode(ids) for ids in out["tokens"]]
         references = facts["report"].tolist()
 
@@ -290,7 +281,7 @@ class Evaluator:
         metrics["generated_length"] = np.mean(np.where(ends, is_eos.argmax(axis=1), self.max_len))
         metrics["eos_rate"] = np.mean(ends)
 
-        if self.ctx.is_main_process:
+        if self.spec.is_main_process:
             self._write_csv(step, facts["study_id"], out["row"], references, generated)
         return {key: float(value) for key, value in metrics.items()}
 
@@ -302,7 +293,7 @@ class Evaluator:
         references: Sequence[str],
         generated: Sequence[str],
     ) -> None:
-        folder = paths.Path(self.ctx.workdir) / "captions"  # local, or a URL
+        folder = paths.Path(self.spec.workdir) / "captions"  # local, or a URL
         folder.mkdir(parents=True, exist_ok=True)
         text = io.StringIO()
         writer = csv.writer(text)

@@ -1,31 +1,49 @@
-"""What every evaluator plugin shares: the run context, the eval input, prediction over a split.
+"""What every evaluator plugin shares: the base class, the registry, the eval input, prediction.
 
-An evaluator is the class ``Evaluator`` of the module ``evaluators.<type>``::
+An evaluator is a class registered by type, in a module of this package::
 
-    evaluator = Evaluator(ctx, name="val_retrieval", split="val", **options)
-    metrics = evaluator.run(params, step)  # {metric: float}; artefacts under ctx.workdir
+    @common.register("retrieval")
+    class Evaluator(common.Evaluator):
+        PREDICT = ("encode_video", "encode_text")  # the predict functions it uses
 
-The trainer builds one per entry of ``config.evals`` (``build_evaluators``):
-``{name: dict(type=..., log_steps=..., split=..., at_start=False, **options)}``;
-``type``, ``log_steps`` and ``at_start`` are the trainer's, the rest go to the
-constructor. It logs the results as ``<name>/<metric>``. A constructor raises
+        def __init__(self, predict_fns, spec, *, level="video", **base):
+            super().__init__(predict_fns, spec, **base)  # name, split, batch_size, log_steps...
+            ...
+
+        def run(self, params, step) -> dict[str, float]: ...  # artefacts under spec.workdir
+
+It gets the run's predict functions (``self.predict_fns``, only those it names in
+``PREDICT``) and an ``EvalSpec`` (the data, the eval preprocessing, the tokenizers,
+the mesh, where to write), never the model or the config: what it computes of the
+model goes through the predict functions. A predict function is
+``fn(params, batch, **options) -> {name: [B, ...]}``; ``deepcoro_jax/training/run.py``
+(``predict_fns``) builds them, and ``docs/metrics.md`` lists them.
+
+The trainer builds one evaluator per entry of ``config.evals``
+(``build_evaluators``): ``{name: dict(type=..., log_steps=..., split=...,
+at_start=False, **options)}``; ``type`` picks the registered class, the rest
+are its constructor's keyword arguments. Every module of this package is
+imported first, so a new evaluator is one file here and its ``register``. The
+trainer logs the results as ``<name>/<metric>``. A constructor raises
 ``DataLacks`` when the prepared data lacks what the evaluator needs (a split, a
 label column); ``build_evaluators`` then leaves that evaluator out with one
 warning, so the recipe runs on any prepared data. Every other error in an
 evaluator's options still stops the run.
 
 Every evaluator covers each example of its split exactly once on any number of
-devices and processes: ``predict_split`` runs a jitted function over
-``pipeline.make_eval_dataset`` batches (each process reads its part; padding
-examples carry ``_mask`` False), gathers the per-example outputs on every
-process, drops the padding and orders the rest by manifest row. So results do
-not depend on the batch size, the device count or the process count (up to
-floating-point reassociation inside the model). Host-side facts about the
-examples (report text, study id, labels) come from ``split_table``, read once
-per split without frames, and are joined on the row.
+devices and processes: ``predict_split`` runs a jitted function
+(``make_predict``) over ``pipeline.make_eval_dataset`` batches (each process
+reads its part; padding examples carry ``_mask`` False), gathers the
+per-example outputs on every process, drops the padding and orders the rest by
+manifest row. So results do not depend on the batch size, the device count or
+the process count (up to floating-point reassociation inside the model).
+Host-side facts about the examples (report text, study id, labels) come from
+``split_table``, read once per split without frames, and are joined on the row.
 
 Not here: the metric functions (``retrieval.py``, ``text_metrics.py``,
-``captioning.py``'s clinical metrics), the schedule (``deepcoro_jax/training/train.py``).
+``captioning.py``'s clinical metrics), the predict functions and the spec's
+values (``deepcoro_jax/training/run.py``), the schedule's loop
+(``deepcoro_jax/training/train.py``).
 """
 
 from __future__ import annotations
@@ -34,35 +52,41 @@ import dataclasses
 import functools
 import importlib
 import logging
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import evaluators
 from deepcoro_jax.domain import tokenizers
-from deepcoro_jax.models import multitask
-from deepcoro_jax.training import sharding
 
 ROW_KEY = "row"  # the manifest row: unique per video within a prepared dataset
 MASK_KEY = "_mask"  # real example (True) or padding (False); see pipeline.make_eval_dataset
-TRAINER_KEYS = ("type", "log_steps", "at_start")
-TYPES = ("retrieval", "captioning", "mvm", "linear_probe")
+
+PredictFn = Callable[..., dict[str, jax.Array]]  # fn(params, batch, **options) -> {name: [B, ...]}
 
 
-@dataclasses.dataclass
-class EvalContext:
-    """What an evaluator needs of the run: the model, the mesh, the data, where to write."""
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluator gets of a run besides its predict functions: no model, no config."""
 
-    model: multitask.MultitaskModel
-    config: ml_collections.ConfigDict  # the run's config (input.*, model.*)
-    mesh: Mesh
     data_dir: str  # the prepared dataset
     workdir: str  # artefacts go under it (process 0 writes them)
+    mesh: Mesh  # the predict functions' devices
+    batch_axes: tuple[str, ...]  # the mesh axes a batch is split over
+    video_pp: str  # config.input.eval_video_pp: deterministic clips
+    clip_shape: tuple[int, int, int]  # (frames, height, width) the model takes
     text_tokenizer_spec: str
     caption_tokenizer_spec: str
+    text_max_len: int  # config.input.text_max_len
+    caption_max_len: int  # config.input.caption_max_len: the reference captions' length
+    max_decode_len: int  # the caption decoder's position table: its longest report
+    patch_size: tuple[int, int, int]  # the encoder's tubelet (pt, ph, pw)
+    normalize_mvm_target: bool  # MVM targets are normalised per tubelet
 
     @property
     def text_tokenizer(self) -> tokenizers.Tokenizer:
@@ -77,17 +101,18 @@ class EvalContext:
         return jax.process_index() == 0
 
     def pp(self, *, text: bool = False, caption: bool = False, keys: Sequence[str] = ()) -> str:
-        """The eval pp: deterministic clips (``input.eval_video_pp``), optionally the
-        text-encoder ids and the caption targets, keeping video, row and `keys`."""
-        cfg = self.config.input
-        parts = [cfg.eval_video_pp]
+        """The eval pp: deterministic clips (``video_pp``), optionally the text-encoder
+        ids and the caption targets, keeping video, row and `keys`."""
+        parts = [self.video_pp]
         kept = ["video", ROW_KEY, *keys]
         if text:
-            parts.append(f"tokenize({cfg.text_max_len}, tokenizer='{self.text_tokenizer_spec}')")
+            parts.append(
+                f"tokenize({self.text_max_len}, tokenizer='{self.text_tokenizer_spec}')"
+            )
             kept += ["text_ids", "text_mask"]
         if caption:
             spec = self.caption_tokenizer_spec
-            parts.append(f"tokenize_caption({cfg.caption_max_len}, tokenizer='{spec}')")
+            parts.append(f"tokenize_caption({self.caption_max_len}, tokenizer='{spec}')")
             kept += ["caption_in", "caption_out", "caption_mask"]
         parts.append("keep(" + ", ".join(repr(k) for k in kept) + ")")
         return "|".join(parts)
@@ -97,102 +122,167 @@ class DataLacks(ValueError):
     """The prepared data lacks what an evaluator needs; the message says what."""
 
 
-def require_split(ctx: EvalContext, split: str) -> None:
-    """Raises `DataLacks` unless the prepared dataset holds `split`."""
-    from input_pipeline import dataset_format  # TensorFlow
+class Evaluator:
+    """The base of every evaluator: the options every one takes, checked.
 
-    names = dataset_format.split_names(ctx.data_dir)
-    if split not in names:
-        raise DataLacks(f"{ctx.data_dir} has no split {split!r} (it has {names})")
+    name: its key in ``config.evals`` (errors name ``config.evals.<name>``, results
+    are logged as ``<name>/<metric>``); split: the split it evaluates; batch_size:
+    global, a multiple of the device count; log_steps, at_start: when the trainer
+    runs it (``due``). Subclasses list the predict functions they use in
+    ``PREDICT`` and get those in ``self.predict_fns``; ``HEADLINE`` names the
+    metrics the trainer prints.
+    """
 
+    PREDICT: tuple[str, ...] = ()
+    HEADLINE: tuple[str, ...] = ()
 
-def evaluator_class(type_name: str, where: str) -> type:
-    """The ``Evaluator`` class of ``evaluators.<type_name>``; `where` names the config key."""
-    if type_name not in TYPES:
-        raise ValueError(f"{where}.type={type_name!r}: choose one of {TYPES}")
-    return importlib.import_module(f"evaluators.{type_name}").Evaluator
+    def __init__(
+        self,
+        predict_fns: Mapping[str, PredictFn],
+        spec: EvalSpec,
+        *,
+        name: str,
+        split: str = "val",
+        batch_size: int = 32,
+        log_steps: int = 1,
+        at_start: bool = False,
+    ):
+        self.where = f"config.evals.{name}"
+        if "/" in name:
+            raise ValueError(f"{self.where}: an evaluator name may not contain '/'")
+        if int(log_steps) < 1:
+            raise ValueError(f"{self.where}.log_steps={log_steps} must be at least 1")
+        if batch_size < 1 or batch_size % spec.mesh.size:
+            raise ValueError(
+                f"{self.where}.batch_size={batch_size} must be a positive multiple of the device "
+                f"count ({spec.mesh.size})"
+            )
+        missing = [fn for fn in self.PREDICT if fn not in predict_fns]
+        if missing:
+            raise ValueError(
+                f"{self.where}: needs the predict functions {missing}; the run has "
+                f"{sorted(predict_fns)}"
+            )
+        self.predict_fns = {fn: predict_fns[fn] for fn in self.PREDICT}
+        self.spec, self.name, self.split, self.batch_size = spec, name, split, batch_size
+        self.log_steps, self.at_start = int(log_steps), bool(at_start)
 
-
-@dataclasses.dataclass
-class Scheduled:
-    """An evaluator and when the trainer runs it."""
-
-    name: str
-    evaluator: Any
-    log_steps: int
-    at_start: bool
+    def run(self, params: Any, step: int) -> dict[str, float]:
+        """The metrics of `params` at training step `step` (which names its artefacts)."""
+        raise NotImplementedError
 
     def due(self, step: int, total_steps: int) -> bool:
         """Every `log_steps` steps and at the last step."""
         return step % self.log_steps == 0 or step == total_steps
 
 
-def build_evaluators(evals: Mapping[str, Mapping[str, Any]], ctx: EvalContext) -> list[Scheduled]:
+_REGISTRY: dict[str, type[Evaluator]] = {}
+
+
+def register(type_name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
+    """Class decorator: ``config.evals[name].type == type_name`` builds this class."""
+
+    def decorate(cls: type[Evaluator]) -> type[Evaluator]:
+        if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
+            raise TypeError(f"register({type_name!r}): {cls!r} is not a common.Evaluator")
+        known = _REGISTRY.get(type_name)
+        if known is not None and _qualified(known) != _qualified(cls):  # a reload is no clash
+            raise ValueError(
+                f"register({type_name!r}): already registered by {_qualified(known)}, "
+                f"not also by {_qualified(cls)}"
+            )
+        _REGISTRY[type_name] = cls
+        return cls
+
+    return decorate
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def registered() -> dict[str, type[Evaluator]]:
+    """Every registered evaluator type, after importing every module of this package."""
+    for module in pkgutil.iter_modules(evaluators.__path__, f"{evaluators.__name__}."):
+        importlib.import_module(module.name)
+    return dict(sorted(_REGISTRY.items()))
+
+
+def evaluator_class(type_name: str, where: str) -> type[Evaluator]:
+    """The class registered as `type_name`; `where` names the config key."""
+    types = registered()
+    if type_name not in types:
+        raise ValueError(f"{where}.type={type_name!r}: choose one of {list(types)}")
+    return types[type_name]
+
+
+def build_evaluators(
+    evals: Mapping[str, Mapping[str, Any]],
+    predict_fns: Mapping[str, PredictFn],
+    spec: EvalSpec,
+) -> list[Evaluator]:
     """The evaluators of ``config.evals``, each with a clear error naming its config key.
 
     An evaluator whose constructor raises `DataLacks` is left out, with one
     warning naming its config key and what the data lacks.
     """
-    scheduled = []
-    for name, spec in evals.items():
+    built = []
+    for name, options in evals.items():
         where = f"config.evals.{name}"
-        spec = dict(spec)
-        if "/" in name:
-            raise ValueError(f"{where}: an evaluator name may not contain '/'")
+        options = dict(options)
         for key in ("type", "log_steps"):
-            if key not in spec:
-                raise ValueError(f"{where} needs {key!r} (it has {sorted(spec)})")
-        cls = evaluator_class(spec["type"], where)
-        log_steps, at_start = int(spec["log_steps"]), bool(spec.get("at_start", False))
-        if log_steps < 1:
-            raise ValueError(f"{where}.log_steps={log_steps} must be at least 1")
-        options = {k: v for k, v in spec.items() if k not in TRAINER_KEYS}
+            if key not in options:
+                raise ValueError(f"{where} needs {key!r} (it has {sorted(options)})")
+        cls = evaluator_class(options.pop("type"), where)
         try:
-            evaluator = cls(ctx, name=name, **options)
+            built.append(cls(predict_fns, spec, name=name, **options))
         except DataLacks as e:
             logging.warning("%s left out: %s", where, e)
-            continue
         except TypeError as e:
             raise ValueError(f"{where}: {e}") from e
-        scheduled.append(Scheduled(name, evaluator, log_steps, at_start))
-    return scheduled
+    return built
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, where: str) -> None:
-    """Eval batches are split over every device of the mesh (of every process)."""
-    if batch_size < 1 or batch_size % mesh.size:
-        raise ValueError(
-            f"{where}.batch_size={batch_size} must be a positive multiple of the device count "
-            f"({mesh.size})"
-        )
+def require_split(spec: EvalSpec, split: str) -> None:
+    """Raises `DataLacks` unless the prepared dataset holds `split`."""
+    from input_pipeline import dataset_format  # TensorFlow
+
+    names = dataset_format.split_names(spec.data_dir)
+    if split not in names:
+        raise DataLacks(f"{spec.data_dir} has no split {split!r} (it has {names})")
+
+
+def jit_replicated(fn: Callable, mesh: Mesh) -> Callable:
+    """``jax.jit(fn)`` whose outputs come back whole on every device (and process)."""
+    return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
 
 
 def make_predict(fn: Callable[[Any, dict], dict], mesh: Mesh) -> Callable:
     """Jits ``fn(params, batch) -> {name: [B, ...]}`` for ``predict_split``.
 
-    The outputs (and the batch's row and mask) come back replicated on every
-    device, so every process holds the whole batch's predictions.
+    `fn` composes predict functions (called inside, they run data-parallel like
+    the batch). The outputs (and the batch's row and mask) come back replicated
+    on every device, so every process holds the whole batch's predictions.
     """
 
     def predict(params, batch):
         return {**fn(params, batch), ROW_KEY: batch[ROW_KEY], MASK_KEY: batch[MASK_KEY]}
 
-    return jax.jit(predict, out_shardings=sharding.replicated(mesh))
+    return jit_replicated(predict, mesh)
 
 
-def video_embedder(ctx: EvalContext) -> Callable:
-    """``make_predict`` of the model's normalised video embedding: {'video_emb': [B, E]}."""
-    model = ctx.model
+def video_embedder(predict_fns: Mapping[str, PredictFn], spec: EvalSpec) -> Callable:
+    """``make_predict`` of ``encode_video``'s normalised embedding: {'video_emb': [B, E]}."""
+    encode_video = predict_fns["encode_video"]
 
     def embed_videos(params, batch):
-        video_emb, _ = model.apply({"params": params}, batch["video"], method="encode_video")
-        return {"video_emb": video_emb}
+        return {"video_emb": encode_video(params, {"video": batch["video"]})["video_emb"]}
 
-    return make_predict(embed_videos, ctx.mesh)
+    return make_predict(embed_videos, spec.mesh)
 
 
 def predict_split(
-    ctx: EvalContext,
+    spec: EvalSpec,
     predict: Callable,
     params: Any,
     *,
@@ -205,28 +295,28 @@ def predict_split(
     Returns the outputs of the real examples, ordered by manifest row, with
     'row' among them. `batch_size` is global (over every process).
     """
-    from input_pipeline import pipeline
+    from input_pipeline import pipeline  # TensorFlow
 
     process_count = jax.process_count()
     dataset = pipeline.make_eval_dataset(
-        ctx.data_dir,
+        spec.data_dir,
         split,
         pp,
         batch_size // process_count,
         process_index=jax.process_index(),
         process_count=process_count,
     )
-    pipeline.check_video_shape(
-        tuple(dataset.element_spec["video"].shape), ctx.config, "eval_video_pp"
+    pipeline.check_clip_shape(
+        tuple(dataset.element_spec["video"].shape), spec.clip_shape, "eval_video_pp"
     )
     chunks: list[dict[str, np.ndarray]] = []
     for local_batch in dataset.as_numpy_iterator():
-        batch = pipeline.global_batch(local_batch, ctx.mesh, sharding.DATA_AXES)
+        batch = pipeline.global_batch(local_batch, spec.mesh, spec.batch_axes)
         out = jax.device_get(predict(params, batch))
         keep = np.asarray(out.pop(MASK_KEY), bool)
         chunks.append({k: np.asarray(v)[keep] for k, v in out.items()})
     if not chunks:
-        raise ValueError(f"split {split!r} of {ctx.data_dir} holds no examples")
+        raise ValueError(f"split {split!r} of {spec.data_dir} holds no examples")
     merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     order = np.argsort(merged[ROW_KEY], kind="stable")
     merged = {k: v[order] for k, v in merged.items()}
@@ -244,7 +334,7 @@ def split_table(data_dir: str, split: str) -> dict[str, np.ndarray]:
     and ``label/<column>`` for every label column prepare carried (float, NaN
     when missing; or str).
     """
-    from input_pipeline import dataset_format
+    from input_pipeline import dataset_format  # TensorFlow
 
     dataset = dataset_format.read_split(data_dir, split)
     columns: dict[str, list] = {}
@@ -271,22 +361,22 @@ def join_rows(table: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np
     return {k: v[index] for k, v in table.items()}
 
 
-def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+def global_array(x: np.ndarray, spec: EvalSpec) -> jax.Array:
     """A host array that every process holds whole, as a global array split on the batch axis."""
-    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
+    batch_sharding = NamedSharding(spec.mesh, P(spec.batch_axes))
     return jax.make_array_from_callback(x.shape, batch_sharding, lambda index: x[index])
 
 
 def encode_texts(
-    ctx: EvalContext, encode: Callable, params: Any, texts: Sequence[str], batch_size: int
+    spec: EvalSpec, encode: Callable, params: Any, texts: Sequence[str], batch_size: int
 ) -> np.ndarray:
     """Text embeddings [N, E] of `texts` (the same ids as the pipeline's ``tokenize``).
 
-    `encode` is ``jax.jit(fn(params, text_ids, text_mask) -> [B, E],
-    out_shardings=replicated)``; the last batch is padded and the padding dropped.
+    `encode` is the ``encode_text`` predict function jitted with replicated
+    outputs (``jit_replicated``); the last batch is padded and the padding dropped.
     """
-    tok = ctx.text_tokenizer
-    max_len = ctx.config.input.text_max_len
+    tok = spec.text_tokenizer
+    max_len = spec.text_max_len
     embeddings = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
@@ -295,7 +385,8 @@ def encode_texts(
         mask = np.zeros([batch_size, max_len], bool)
         for i, (row_ids, length) in enumerate(encoded):
             ids[i], mask[i, :length] = row_ids, True
-        emb = encode(params, global_array(ids, ctx.mesh), global_array(mask, ctx.mesh))
+        batch = {"text_ids": global_array(ids, spec), "text_mask": global_array(mask, spec)}
+        emb = encode(params, batch)["text_emb"]
         embeddings.append(np.asarray(jax.device_get(emb))[: len(chunk)])
     return np.concatenate(embeddings)
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -220,35 +220,37 @@ def probe_metrics(
     return metrics
 
 
-class Evaluator:
-    """Linear probes of the frozen video embeddings; see the module docstring.
+@common.register("linear_probe")
+class Evaluator(common.Evaluator):
+    """Linear probes of the frozen video embeddings (``encode_video``); see the module docstring.
 
     ``labels``: the label columns to probe (prepare's ``--label_columns``);
     default every numeric label column of the dataset (none: ``common.DataLacks``).
     """
 
+    PREDICT = ("encode_video",)
+
     def __init__(
         self,
-        ctx: common.EvalContext,
+        predict_fns: Mapping[str, common.PredictFn],
+        spec: common.EvalSpec,
         *,
-        name: str,
-        split: str = "val",
         train_split: str = "train",
-        batch_size: int = 32,
         labels: Sequence[str] | None = None,
         l2: float = 1.0,
         bootstrap: int = 1000,
         seed: int = 0,
+        **base: Any,
     ):
-        from input_pipeline import dataset_format
+        from input_pipeline import dataset_format  # TensorFlow
 
-        where = f"config.evals.{name}"
-        common.check_batch_size(batch_size, ctx.mesh, where)
+        super().__init__(predict_fns, spec, **base)
+        where = self.where
         if l2 <= 0:
             raise ValueError(f"{where}.l2={l2} must be positive")
         if bootstrap < 0:
             raise ValueError(f"{where}.bootstrap={bootstrap} must be at least 0")
-        kinds = dataset_format.load_meta(ctx.data_dir).label_columns
+        kinds = dataset_format.load_meta(spec.data_dir).label_columns
         numeric = [column for column, kind in kinds.items() if kind == "float"]
         if labels is not None:
             if isinstance(labels, str) or not labels:
@@ -257,28 +259,27 @@ class Evaluator:
                 if column not in numeric:
                     raise ValueError(
                         f"{where}.labels: {column!r} is not a numeric label column "
-                        f"of {ctx.data_dir}; it has {numeric}"
+                        f"of {spec.data_dir}; it has {numeric}"
                     )
-        common.require_split(ctx, split)
-        common.require_split(ctx, train_split)
+        common.require_split(spec, self.split)
+        common.require_split(spec, train_split)
         if labels is None:
             if not numeric:
                 raise common.DataLacks(
-                    f"{ctx.data_dir} carries no numeric label column (prepare --label_columns)"
+                    f"{spec.data_dir} carries no numeric label column (prepare --label_columns)"
                 )
             labels = numeric
-        self.ctx, self.split, self.train_split = ctx, split, train_split
-        self.batch_size, self.labels = batch_size, list(labels)
+        self.train_split, self.labels = train_split, list(labels)
         # What the trainer prints: each label's AUROC or MAE (whichever it gets).
         self.HEADLINE = tuple(f"{c}/{m}" for c in self.labels for m in ("auroc", "mae"))
         self.l2, self.bootstrap, self.seed = float(l2), int(bootstrap), seed
-        self._embed_videos = common.video_embedder(ctx)
+        self._embed_videos = common.video_embedder(self.predict_fns, spec)
 
     def _split_features(self, params: Any, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Video embeddings [N, E] of `split` and its label columns [N], by manifest row."""
-        out = common.predict_split(self.ctx, self._embed_videos, params, split=split,
-                                   pp=self.ctx.pp(), batch_size=self.batch_size)
-        facts = common.join_rows(common.split_table(self.ctx.data_dir, split), out[common.ROW_KEY])
+        out = common.predict_split(self.spec, self._embed_videos, params, split=split,
+                                   pp=self.spec.pp(), batch_size=self.batch_size)
+        facts = common.join_rows(common.split_table(self.spec.data_dir, split), out[common.ROW_KEY])
         return out["video_emb"], {column: facts[f"label/{column}"] for column in self.labels}
 
     def run(self, params: Any, step: int) -> dict[str, float]:

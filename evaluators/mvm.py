@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,7 +43,6 @@ from matplotlib.figure import Figure
 
 from deepcoro_jax import paths
 from deepcoro_jax.models.mvm import patchify, unpatchify
-from deepcoro_jax.training import sharding
 from evaluators import common
 
 TARGET_VARIANCE_EPS = 1e-6  # models/mvm.py tubelet_targets: (x - mean) / sqrt(var + eps)
@@ -115,30 +114,32 @@ def tubelet_errors(
     }
 
 
-class Evaluator:
+@common.register("mvm")
+class Evaluator(common.Evaluator):
     """MVM reconstruction MSE, pixel MSE and PSNR on a split, and a PNG of a few videos.
 
-    See the module docstring for the metrics and the masks. ``pixel_range`` is
-    the range of the eval pp's pixel values (its ``value_range``): PSNR's peak
-    is its width, and the PNG shows that range from black to white.
+    See the module docstring for the metrics and the masks (the ``reconstruct``
+    predict function, one mask rng per video). ``pixel_range`` is the range of
+    the eval pp's pixel values (its ``value_range``): PSNR's peak is its width,
+    and the PNG shows that range from black to white.
     """
 
+    PREDICT = ("reconstruct",)
     HEADLINE = ("mse", "psnr")
 
     def __init__(
         self,
-        ctx: common.EvalContext,
+        predict_fns: Mapping[str, common.PredictFn],
+        spec: common.EvalSpec,
         *,
-        name: str,
-        split: str = "val",
-        batch_size: int = 32,
         seed: int = 0,
         num_images: int = 4,
         num_frames_shown: int = 4,
         pixel_range: Sequence[float] = (-1.0, 1.0),
+        **base: Any,
     ):
-        where = f"config.evals.{name}"
-        common.check_batch_size(batch_size, ctx.mesh, where)
+        super().__init__(predict_fns, spec, **base)
+        where = self.where
         if num_images < 0:
             raise ValueError(f"{where}.num_images={num_images} must be at least 0")
         if num_frames_shown < 1:
@@ -146,29 +147,21 @@ class Evaluator:
         if len(pixel_range) != 2 or not pixel_range[0] < pixel_range[1]:
             raise ValueError(f"{where}.pixel_range={tuple(pixel_range)} must be (low, high) "
                              "with low < high")
-        common.require_split(ctx, split)
-        self.ctx, self.name, self.split, self.batch_size = ctx, name, split, batch_size
+        common.require_split(spec, self.split)
         self.num_images, self.num_frames_shown = num_images, num_frames_shown
         self.pixel_range = (float(pixel_range[0]), float(pixel_range[1]))
-        model = ctx.model
-        patch_size = tuple(model.encoder.patch_size)
-        normalized = model.normalize_mvm_target
+        patch_size, normalized = spec.patch_size, spec.normalize_mvm_target
         fill = (self.pixel_range[0] + self.pixel_range[1]) / 2
+        reconstruct_fn = self.predict_fns["reconstruct"]
 
         def reconstruct(params, video, row):
             """Per-example masks: each video [T, H, W, C] reconstructed with its own rng."""
-
-            def one(video, row):
-                out, aux = model.apply(
-                    {"params": params},
-                    video[None],
-                    method="reconstruct",
-                    rngs={"mask": example_mask_rng(seed, row)},
-                )
-                return out["mvm_pred"][0], out["mvm_target"][0], aux["mvm_masked_indices"][0]
-
-            pred, target, masked = jax.vmap(one)(video, row)  # [B, M, P] x2, [B, M]
-            errors = tubelet_errors(pred, target, video, masked, patch_size, normalized)
+            mask_rng = jax.vmap(lambda r: example_mask_rng(seed, r))(row)  # [B] keys
+            out = reconstruct_fn(params, {"video": video, "mask_rng": mask_rng})
+            masked = out["mvm_masked_indices"]  # [B, M]
+            errors = tubelet_errors(
+                out["mvm_pred"], out["mvm_target"], video, masked, patch_size, normalized
+            )
             return errors, masked
 
         def score(params, batch):
@@ -186,12 +179,12 @@ class Evaluator:
             return (unpatchify(masked_input, patch_size, grid),
                     unpatchify(reconstruction, patch_size, grid))  # [B, T, H, W, C] x2
 
-        self._score = common.make_predict(score, ctx.mesh)
-        self._display = jax.jit(display, out_shardings=sharding.replicated(ctx.mesh))
+        self._score = common.make_predict(score, spec.mesh)
+        self._display = common.jit_replicated(display, spec.mesh)
 
     def run(self, params: Any, step: int) -> dict[str, float]:
         out = common.predict_split(
-            self.ctx, self._score, params, split=self.split, pp=self.ctx.pp(),
+            self.spec, self._score, params, split=self.split, pp=self.spec.pp(),
             batch_size=self.batch_size,
         )
         num_tubelets = float(np.sum(out["num_tubelets"], dtype=np.float64))
@@ -208,14 +201,14 @@ class Evaluator:
         }
 
     def png_path(self, step: int) -> str:
-        return os.path.join(self.ctx.workdir, FOLDER, f"{self.name}_{step}.png")
+        return os.path.join(self.spec.workdir, FOLDER, f"{self.name}_{step}.png")
 
     def _shown_videos(self, rows: np.ndarray) -> np.ndarray:
         """The eval clips [n, T, H, W, C] of `rows`, read whole by every process."""
         from input_pipeline import pipeline
 
         dataset = pipeline.make_eval_dataset(
-            self.ctx.data_dir, self.split, self.ctx.pp(), len(rows),
+            self.spec.data_dir, self.split, self.spec.pp(), len(rows),
             process_index=0, process_count=1,
         )
         wanted = {int(row): i for i, row in enumerate(rows)}
@@ -233,15 +226,15 @@ class Evaluator:
     def _write_png(self, params: Any, rows: np.ndarray, step: int) -> None:
         videos = self._shown_videos(rows)
         # Every process runs the reconstruction (a collective); process 0 draws it.
-        padded = -len(rows) % self.ctx.mesh.size
+        padded = -len(rows) % self.spec.mesh.size
         videos_in = np.concatenate([videos, np.zeros((padded, *videos.shape[1:]), videos.dtype)])
         rows_in = np.concatenate([rows, np.zeros(padded, rows.dtype)])
         masked_input, reconstruction = jax.device_get(self._display(
             params,
-            common.global_array(videos_in, self.ctx.mesh),
-            common.global_array(rows_in, self.ctx.mesh),
+            common.global_array(videos_in, self.spec),
+            common.global_array(rows_in, self.spec),
         ))
-        if not self.ctx.is_main_process:
+        if not self.spec.is_main_process:
             return
         strips = [(videos[i], masked_input[i], reconstruction[i]) for i in range(len(rows))]
         draw_reconstructions(strips, rows, self.num_frames_shown, self.pixel_range,

@@ -31,14 +31,12 @@ Conventions, shared by every function here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from deepcoro_jax.domain import reports
-from deepcoro_jax.training import sharding
 from evaluators import common
 
 # Queries per chunk are chosen so a chunk's temporaries stay near this many elements.
@@ -284,7 +282,8 @@ def chance_recall(num_relevant: np.ndarray, num_candidates: int, k: int) -> floa
 LEVELS = ("video", "study")
 
 
-class Evaluator:
+@common.register("retrieval")
+class Evaluator(common.Evaluator):
     """Retrieval between a split's videos (or studies) and its unique reports.
 
     Queries of video->report are the split's videos (``level='video'``) or its
@@ -300,46 +299,38 @@ class Evaluator:
     (near 1: the embedding has collapsed and ignores its input).
     """
 
+    PREDICT = ("encode_video", "encode_text")
     HEADLINE = ("v2t_recall@1", "v2t_recall@5", "v2t_chance_recall@5", "t2v_recall@5", "alignment")
 
     def __init__(
         self,
-        ctx: common.EvalContext,
+        predict_fns: Mapping[str, common.PredictFn],
+        spec: common.EvalSpec,
         *,
-        name: str,
-        split: str = "val",
-        batch_size: int = 32,
         level: str = "video",
         ks: Sequence[int] = (1, 5, 10, 50),
+        **base: Any,
     ):
-        common.check_batch_size(batch_size, ctx.mesh, f"config.evals.{name}")
+        super().__init__(predict_fns, spec, **base)
         if level not in LEVELS:
-            raise ValueError(f"config.evals.{name}.level={level!r}: choose one of {LEVELS}")
-        self.ctx, self.split, self.batch_size, self.level = ctx, split, batch_size, level
+            raise ValueError(f"{self.where}.level={level!r}: choose one of {LEVELS}")
+        self.level = level
         self.ks = _check_ks(ks)
-        common.require_split(ctx, split)
-        model = ctx.model
-
-        def embed_texts(params, text_ids, text_mask):
-            text_emb, _ = model.apply(
-                {"params": params}, text_ids, text_mask, method="encode_text"
-            )
-            return text_emb
-
-        self._embed_videos = common.video_embedder(ctx)
-        self._embed_texts = jax.jit(embed_texts, out_shardings=sharding.replicated(ctx.mesh))
+        common.require_split(spec, self.split)
+        self._embed_videos = common.video_embedder(self.predict_fns, spec)
+        self._embed_texts = common.jit_replicated(self.predict_fns["encode_text"], spec.mesh)
 
     def run(self, params: Any, step: int) -> dict[str, float]:
         del step  # retrieval writes no artefacts
         out = common.predict_split(
-            self.ctx,
+            self.spec,
             self._embed_videos,
             params,
             split=self.split,
-            pp=self.ctx.pp(),
+            pp=self.spec.pp(),
             batch_size=self.batch_size,
         )
-        facts = common.join_rows(common.split_table(self.ctx.data_dir, self.split), out["row"])
+        facts = common.join_rows(common.split_table(self.spec.data_dir, self.split), out["row"])
         query_emb, query_reports = out["video_emb"], facts["report"]
         if self.level == "study":
             query_emb, _, study_of_video = common.study_mean(query_emb, facts["study_id"])
@@ -347,7 +338,7 @@ class Evaluator:
             query_reports = query_reports[first_video]
         candidates, report_index = unique_reports(query_reports.tolist())
         text_emb = common.encode_texts(
-            self.ctx, self._embed_texts, params, candidates, self.batch_size
+            self.spec, self._embed_texts, params, candidates, self.batch_size
         )
         sim = query_emb.astype(np.float32) @ text_emb.astype(np.float32).T  # [Q, R]
         v2t_relevant, t2v_relevant = relevance_matrices(report_index, len(candidates))

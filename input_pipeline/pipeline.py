@@ -7,7 +7,8 @@ mesh. Training streams are infinite and deterministic given the seed (shuffle,
 epoch reshuffles and augmentation alike) and can be checkpointed and resumed
 exactly (``InputIterator``). Evaluation streams are finite, in order, cover each
 example once and give every process the same number of batches.
-``check_video_shape`` checks that a pp's clips are the model's frames and size.
+``check_video_shape`` (``check_clip_shape``) checks that a pp's clips are the model's
+frames and size.
 
 Not here: preprocessing ops (``ops.py``), the on-disk format
 (``dataset_format.py``), decoding source videos (``prepare.py``).
@@ -377,9 +378,16 @@ def check_video_shape(
     video_shape: tuple[int, ...], config: ml_collections.ConfigDict, pp_key: str = "video_pp"
 ) -> None:
     """The pp's clips must be the model's (``model.num_frames`` x ``model.image_size``)."""
-    frames, height, width = video_shape[-4:-1]
     size = config.model.image_size
     expected = (config.model.num_frames, *((size, size) if isinstance(size, int) else size))
+    check_clip_shape(video_shape, expected, pp_key)
+
+
+def check_clip_shape(
+    video_shape: tuple[int, ...], expected: tuple[int, ...], pp_key: str = "video_pp"
+) -> None:
+    """``check_video_shape`` against `expected` (frames, height, width) of the model."""
+    frames, height, width = video_shape[-4:-1]
     if (frames, height, width) != tuple(expected):
         raise ValueError(
             f"config.input.{pp_key} makes clips of {frames} x {height} x {width}, but "

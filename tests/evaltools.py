@@ -3,10 +3,12 @@
 ``micro_config()`` is the runlocal recipe shrunk to 4 x 32 x 32 clips and one-layer
 towers; ``prepared_synthetic(root)`` generates and prepares 8 synthetic studies
 (train 6, val 1, test 1) once per folder, ``without_labels`` copies such a set as if
-prepared without ``--label_columns``; ``make_context`` builds the model and an
-EvalContext on a mesh over the first `num_devices` devices, and ``init_params`` gives
-seeded random parameters. Tests take the session fixture ``synthetic_data`` from
-conftest.py rather than calling ``prepared_synthetic`` themselves.
+prepared without ``--label_columns``; ``make_context`` builds, as the trainer does,
+the model, its predict functions and the evaluators' ``EvalSpec`` on a mesh over the
+first `num_devices` devices (an ``EvalContext``: evaluators get ``ctx.predict_fns``
+and ``ctx.spec``, the test keeps the model), and ``init_params`` gives seeded random
+parameters. Tests take the session fixture ``synthetic_data`` from conftest.py
+rather than calling ``prepared_synthetic`` themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jax.sharding import Mesh
 
 from configs import multitask as multitask_config
 from deepcoro_jax.domain import tokenizers
+from deepcoro_jax.models import multitask
 from deepcoro_jax.training import run, sharding
 from evaluators import common
 
@@ -65,27 +68,42 @@ def without_labels(data_dir: str, dest: str) -> str:
     return os.fspath(dest)
 
 
+@dataclasses.dataclass
+class EvalContext:
+    """What a test holds of a run: the evaluators' share (predict functions and spec),
+    and the model and config, which evaluators never see."""
+
+    model: multitask.MultitaskModel
+    config: ml_collections.ConfigDict
+    predict_fns: dict[str, common.PredictFn]
+    spec: common.EvalSpec
+
+
 def make_context(
     config: ml_collections.ConfigDict, data_dir: str, workdir: str, num_devices: int
-) -> common.EvalContext:
-    """An EvalContext for `config` on a data-parallel mesh of the first `num_devices` devices."""
+) -> EvalContext:
+    """`config`'s model, predict functions and EvalSpec on a data-parallel mesh of the
+    first `num_devices` devices, built as the trainer builds them (``run.predict_fns``,
+    ``run.eval_spec``)."""
     from input_pipeline import dataset_format
 
     spec = dataset_format.tokenizer_spec(data_dir)
     tok = tokenizers.get_tokenizer(spec)
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]).reshape(num_devices, 1), ("data", "fsdp"))
-    return common.EvalContext(
-        model=run.build_model(config, tok.vocab_size, tok.pad_id),
-        config=config,
-        mesh=mesh,
+    model = run.build_model(config, tok.vocab_size, tok.pad_id)
+    eval_spec = run.eval_spec(
+        config,
+        model,
+        mesh,
         data_dir=data_dir,
         workdir=workdir,
         text_tokenizer_spec=spec,
         caption_tokenizer_spec=spec,
     )
+    return EvalContext(model, config, run.predict_fns(model, mesh), eval_spec)
 
 
-def init_params(ctx: common.EvalContext, seed: int = 0):
+def init_params(ctx: EvalContext, seed: int = 0):
     """Seeded random parameters of the context's model, replicated on its mesh."""
     cfg = ctx.config
     size = cfg.model.image_size
@@ -101,4 +119,4 @@ def init_params(ctx: common.EvalContext, seed: int = 0):
         return ctx.model.init(rngs, batch, train=False, mvm=True)["params"]
 
     # Jitted: an eager flax init of even the micro model takes about a minute on CPU.
-    return jax.jit(init, out_shardings=sharding.replicated(ctx.mesh))(jax.random.key(seed))
+    return jax.jit(init, out_shardings=sharding.replicated(ctx.spec.mesh))(jax.random.key(seed))

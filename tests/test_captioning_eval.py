@@ -4,7 +4,8 @@ The metric functions themselves are tested in test_caption_metrics.py; here the
 plugin: one CSV line per video, the same numbers and reports on 1, 2 and 8
 devices with different batch sizes, a perplexity equal to a NumPy computation
 from the model's teacher-forced logits, beam search options that reach the
-decoder, and the clinical metrics of a decoder forced to write a known report.
+decoder, and the clinical metrics of a ``generate`` predict function forced to
+write a known report.
 """
 
 import csv
@@ -14,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from evaltools import init_params, make_context, micro_config
+from evaltools import EvalContext, init_params, make_context, micro_config
 
 from deepcoro_jax.domain import reports
-from deepcoro_jax.models import decode
 from evaluators import captioning, common
 
 SPLIT = "train"  # the tiny set's largest split (6 studies, 19 videos)
@@ -25,8 +25,8 @@ STEP = 7
 CAPTION_MAX_LEN = 40  # the val split's report is 34 tokens: a forced decoder can write it whole
 
 
-def read_csv(ctx: common.EvalContext, name: str, step: int) -> list[dict[str, str]]:
-    with open(os.path.join(ctx.workdir, "captions", f"{name}_{step}.csv"), newline="") as f:
+def read_csv(ctx: EvalContext, name: str, step: int) -> list[dict[str, str]]:
+    with open(os.path.join(ctx.spec.workdir, "captions", f"{name}_{step}.csv"), newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -39,25 +39,27 @@ def runs(synthetic_data, tmp_path_factory):
     for devices, batch_size in ((8, 8), (2, 2), (1, 4)):
         ctx = make_context(config, synthetic_data, str(tmp_path_factory.mktemp("w")), devices)
         params = init_params(ctx)
-        evaluator = captioning.Evaluator(ctx, name="cap", split=SPLIT, batch_size=batch_size)
+        evaluator = captioning.Evaluator(
+            ctx.predict_fns, ctx.spec, name="cap", split=SPLIT, batch_size=batch_size
+        )
         out[devices] = (evaluator.run(params, STEP), ctx, params)
     return out
 
 
-def forced_greedy(text: str, tokenizer, monkeypatch) -> list[int]:
-    """Replaces decode.greedy by a decoder that writes `text` for every video; its ids."""
+def forced_generate(text: str, ctx: EvalContext) -> tuple[dict, list[int]]:
+    """The predict functions with a ``generate`` that writes `text` for every video; its ids."""
+    tokenizer = ctx.spec.caption_tokenizer
     ids = tokenizer.encode(text) + [tokenizer.eos_id]
     assert len(ids) <= CAPTION_MAX_LEN, text
 
-    def greedy(decoder, params, memory, memory_mask=None, *, bos_id, eos_id, pad_id, max_len):
+    def generate(params, batch, *, bos_id, eos_id, pad_id, max_len, strategy, **options):
         assert (bos_id, eos_id, pad_id) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        assert strategy == "greedy"
         row = np.full([max_len], pad_id, np.int32)
         row[: len(ids)] = ids
-        batch = memory.shape[0]
-        return decode.DecodeOutput(jnp.broadcast_to(row, (batch, max_len)), jnp.zeros([batch]))
+        return {"tokens": jnp.broadcast_to(row, (batch["video_tokens"].shape[0], max_len))}
 
-    monkeypatch.setattr(decode, "greedy", greedy)
-    return ids
+    return {**ctx.predict_fns, "generate": generate}, ids
 
 
 def test_csv_has_one_line_per_example(runs, synthetic_data):
@@ -90,14 +92,14 @@ def test_perplexity_equals_numpy_from_teacher_forced_logits(runs, synthetic_data
     from input_pipeline import pipeline
 
     metrics, ctx, params = runs[1]
-    model = ctx.model
+    model = ctx.model  # the test's own use of the model, which evaluators never get
 
     @jax.jit
     def caption_logits(params, batch):
         out, _ = model.apply({"params": params}, batch, train=False, mvm=False)
         return out["caption_logits"]  # [B, Lc, vocab]
 
-    pp = ctx.pp(text=True, caption=True)
+    pp = ctx.spec.pp(text=True, caption=True)
     dataset = pipeline.make_eval_dataset(synthetic_data, SPLIT, pp, 4)
     total_nll, total_tokens = 0.0, 0
     for batch in dataset.as_numpy_iterator():
@@ -116,8 +118,8 @@ def test_beam_options_reach_the_decoder(runs):
     # Beam search of width 1 without length penalty is greedy decoding.
     greedy_metrics, ctx, params = runs[8]
     evaluator = captioning.Evaluator(
-        ctx, name="beam", split=SPLIT, batch_size=8, strategy="beam", beam_size=1,
-        length_penalty=0.0,
+        ctx.predict_fns, ctx.spec, name="beam", split=SPLIT, batch_size=8, strategy="beam",
+        beam_size=1, length_penalty=0.0,
     )
     beam_metrics = evaluator.run(params, STEP)
     assert [line["generated"] for line in read_csv(ctx, "beam", STEP)] == [
@@ -127,11 +129,13 @@ def test_beam_options_reach_the_decoder(runs):
         np.testing.assert_allclose(beam_metrics[name], value, rtol=1e-5, err_msg=name)
 
 
-def test_a_decoder_forced_to_write_the_reference_scores_one(runs, synthetic_data, monkeypatch):
+def test_a_decoder_forced_to_write_the_reference_scores_one(runs, synthetic_data):
     _, ctx, params = runs[8]
     (reference,) = set(common.split_table(synthetic_data, "val")["report"].tolist())
-    ids = forced_greedy(reference, ctx.caption_tokenizer, monkeypatch)
-    metrics = captioning.Evaluator(ctx, name="forced", split="val", batch_size=8).run(params, 0)
+    predict_fns, ids = forced_generate(reference, ctx)
+    evaluator = captioning.Evaluator(predict_fns, ctx.spec, name="forced", split="val",
+                                     batch_size=8)
+    metrics = evaluator.run(params, 0)
     for name in ("parse_rate", "severity_accuracy", "severity_macro_f1", "dominance_accuracy",
                  "baseline_severity_accuracy", "baseline_severity_macro_f1", "rouge_l", "eos_rate"):
         assert metrics[name] == 1.0, name
@@ -142,14 +146,16 @@ def test_a_decoder_forced_to_write_the_reference_scores_one(runs, synthetic_data
 
 
 def test_a_decoder_forced_to_write_the_common_report_scores_as_the_baseline(
-    runs, synthetic_data, monkeypatch
+    runs, synthetic_data
 ):
     _, ctx, params = runs[8]
     references = common.split_table(synthetic_data, SPLIT)["report"].tolist()
     common_report = captioning.most_common_report_baseline(references)[0]
     assert reports.parse(common_report).lesions == {}  # the formulas below rely on it
-    forced_greedy(common_report, ctx.caption_tokenizer, monkeypatch)
-    metrics = captioning.Evaluator(ctx, name="common", split=SPLIT, batch_size=8).run(params, 0)
+    predict_fns, _ = forced_generate(common_report, ctx)
+    evaluator = captioning.Evaluator(predict_fns, ctx.spec, name="common", split=SPLIT,
+                                     batch_size=8)
+    metrics = evaluator.run(params, 0)
     # Independently: a report without lesions is right exactly on the normal segments.
     reference_classes = np.array([
         [reports.severity_class(reports.parse(text).stenosis(s)) for s in reports.SEGMENTS]
@@ -176,4 +182,4 @@ def test_bad_options_name_the_config_key(runs):
     }
     for key, options in bad_options.items():
         with pytest.raises(ValueError, match=f"config.evals.c.{key}"):
-            captioning.Evaluator(ctx, name="c", **options)
+            captioning.Evaluator(ctx.predict_fns, ctx.spec, name="c", **options)

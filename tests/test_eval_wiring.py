@@ -1,17 +1,24 @@
 """Evaluators run by the trainer: on schedule, at step 0, logged, and with --mode eval;
-those the data cannot serve are left out with a warning.
+those the data cannot serve are left out with a warning; a new evaluator type is one
+file with its registration; evaluators get predict functions, never the model.
 
 One in-process training of the micro config (2 steps on 8 fake devices) with a
 retrieval evaluator at step 0 and at the end; then mode='eval' on its checkpoint
 must reproduce the end-of-training results, since it evaluates the same parameters.
 """
 
+import dataclasses
 import json
 import logging
+import pathlib
+import sys
 
+import flax.linen as nn
+import ml_collections
 import pytest
-from evaltools import make_context, micro_config, without_labels
+from evaltools import init_params, make_context, micro_config, without_labels
 
+import evaluators
 from deepcoro_jax.training import train
 from evaluators import common
 
@@ -86,7 +93,7 @@ def test_evaluators_the_data_cannot_serve_are_left_out(synthetic_data, tmp_path,
     config = micro_config()  # the recipe's evaluators; val_probe needs a numeric label column
     ctx = make_context(config, data_dir, str(tmp_path / "work"), 8)
     with caplog.at_level(logging.WARNING):
-        built = common.build_evaluators(config.evals, ctx)
+        built = common.build_evaluators(config.evals, ctx.predict_fns, ctx.spec)
     assert sorted(s.name for s in built) == ["val_captioning", "val_mvm", "val_retrieval"]
     assert _warnings(caplog) == [
         f"config.evals.val_probe left out: {data_dir} carries no numeric label column "
@@ -96,7 +103,7 @@ def test_evaluators_the_data_cannot_serve_are_left_out(synthetic_data, tmp_path,
     caplog.clear()
     missing_split = {"r": dict(type="retrieval", log_steps=1, split="holdout", batch_size=8)}
     with caplog.at_level(logging.WARNING):
-        assert common.build_evaluators(missing_split, ctx) == []
+        assert common.build_evaluators(missing_split, ctx.predict_fns, ctx.spec) == []
     assert _warnings(caplog) == [
         f"config.evals.r left out: {data_dir} has no split 'holdout' (it has "
         "['test', 'train', 'val'])"
@@ -104,4 +111,87 @@ def test_evaluators_the_data_cannot_serve_are_left_out(synthetic_data, tmp_path,
     # An error in the options still stops the run, whatever the data lacks.
     missing_split["r"]["batch_size"] = 3
     with pytest.raises(ValueError, match="config.evals.r.batch_size=3"):
-        common.build_evaluators(missing_split, ctx)
+        common.build_evaluators(missing_split, ctx.predict_fns, ctx.spec)
+
+
+def test_evaluators_get_predict_functions_and_a_spec_not_the_model(synthetic_data, tmp_path):
+    config = micro_config()  # the recipe's evaluators
+    ctx = make_context(config, synthetic_data, str(tmp_path / "work"), 8)
+    built = common.build_evaluators(config.evals, ctx.predict_fns, ctx.spec)
+    assert sorted(e.name for e in built) == [
+        "val_captioning", "val_mvm", "val_probe", "val_retrieval"
+    ]
+    spec_fields = [field.name for field in dataclasses.fields(common.EvalSpec)]
+    assert not hasattr(ctx.spec, "model") and not hasattr(ctx.spec, "config")
+    for evaluator in built:
+        # Only the predict functions it names, and nothing that holds the model or config.
+        assert set(evaluator.predict_fns) == set(type(evaluator).PREDICT) <= set(ctx.predict_fns)
+        reachable = [*vars(evaluator).values(), *(getattr(ctx.spec, f) for f in spec_fields)]
+        assert not any(isinstance(v, nn.Module | ml_collections.ConfigDict) for v in reachable)
+
+    without_text = {k: v for k, v in ctx.predict_fns.items() if k != "encode_text"}
+    needs = r"config.evals.val_retrieval: needs the predict functions \['encode_text'\]"
+    with pytest.raises(ValueError, match=needs):
+        common.build_evaluators(
+            {"val_retrieval": config.evals.val_retrieval}, without_text, ctx.spec
+        )
+
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+PLUGIN_MODULE = "embedding_norm"
+
+
+def documented_plugin() -> str:
+    """The example evaluator of docs/metrics.md ("Adding an evaluator")."""
+    section = DOCS.read_text().split("### Adding an evaluator", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture
+def plugin_file(tmp_path, monkeypatch):
+    """The documented example as a new file of the evaluators package (a folder added to
+    its path), for one test: the registry and the imported modules are restored after it."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / f"{PLUGIN_MODULE}.py").write_text(documented_plugin())
+    monkeypatch.setattr(evaluators, "__path__", [*evaluators.__path__, str(folder)])
+    monkeypatch.setattr(common, "_REGISTRY", dict(common._REGISTRY))
+    yield
+    sys.modules.pop(f"evaluators.{PLUGIN_MODULE}", None)
+
+
+def test_a_new_evaluator_type_is_one_file_and_its_registration(
+    plugin_file, synthetic_data, tmp_path
+):
+    ctx = make_context(micro_config(), synthetic_data, str(tmp_path / "work"), 8)
+    evals = {
+        "norms": dict(type="embedding_norm", log_steps=3, split="train", batch_size=8, scale=2.0)
+    }
+    (evaluator,) = common.build_evaluators(evals, ctx.predict_fns, ctx.spec)
+    assert type(evaluator).__module__ == f"evaluators.{PLUGIN_MODULE}"
+    assert (evaluator.name, evaluator.split, evaluator.log_steps) == ("norms", "train", 3)
+    assert evaluator.due(6, 100) and not evaluator.due(7, 100) and evaluator.due(7, 7)
+    results = train.run_evaluators([evaluator], init_params(ctx), 0)
+    assert sorted(results) == ["norms/mean_norm", "norms/num_videos", "norms/seconds"]
+    assert results["norms/num_videos"] == len(common.split_table(synthetic_data, "train")["row"])
+    assert results["norms/mean_norm"] == pytest.approx(2.0, rel=1e-5)  # normalised embeddings
+
+    unknown = {"x": dict(type="embedding_norms", log_steps=1)}
+    registered = ["captioning", "embedding_norm", "linear_probe", "mvm", "retrieval"]
+    with pytest.raises(ValueError) as error:
+        common.build_evaluators(unknown, ctx.predict_fns, ctx.spec)
+    assert str(error.value) == f"config.evals.x.type='embedding_norms': choose one of {registered}"
+    for options, message in ((dict(scales=2.0), r"config.evals.norms: .*'scales'"),
+                             (dict(scale=0.0), r"config.evals.norms.scale=0.0 must be positive")):
+        with pytest.raises(ValueError, match=message):
+            common.build_evaluators(
+                {"norms": dict(evals["norms"], **options)}, ctx.predict_fns, ctx.spec
+            )
+
+
+def test_a_type_is_registered_once():
+    assert "retrieval" in common.registered()
+    with pytest.raises(ValueError, match="already registered by evaluators.retrieval.Evaluator"):
+        common.register("retrieval")(type("Evaluator", (common.Evaluator,), {}))
+    with pytest.raises(TypeError, match="is not a common.Evaluator"):
+        common.register("not_an_evaluator")(object)

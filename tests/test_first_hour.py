@@ -194,6 +194,38 @@ def test_training_on_your_data_with_relative_paths(user, demo):
     assert config["input"]["data_dir"] == str(user[0] / "data/prepared")
 
 
+@pytest.mark.slow
+def test_a_run_needs_no_data_to_load(user, demo):
+    """The run keeps its tokenizers and its data's format: with the synthetic cache moved
+    away, infer still writes reports (without a bank), and --mode eval reads the moved
+    data (data=) with the run's own tokenizers."""
+    cwd = user[0]
+    cache = cwd / "home" / ".cache" / "deepcoro_jax"
+    moved = cwd / "moved"
+    shutil.move(cache, moved)
+    try:
+        result = _shell(
+            user,
+            ".venv/bin/python -m deepcoro_jax.tools.infer --workdir runs/demo path/to/video.mp4",
+        )
+        assert "report: " in result.stdout and "none (no report bank)" in result.stdout
+        assert "warning: the run's training data" in result.stderr, result.stderr
+        prepared = next(moved.glob("synthetic-*/prepared")).relative_to(cwd)
+        evaluated = _shell(
+            user,
+            f".venv/bin/python launch.py --config configs/multitask.py:runlocal,data={prepared} "
+            f"--workdir runs/demo --mode eval {DEMO_FLAGS}",
+        )
+        assert "eval val_retrieval @ step 6" in evaluated.stdout, evaluated.stdout
+        # (launch.py's compilation cache is back under ~/.cache/deepcoro_jax; no data.)
+        assert not list(cache.glob("synthetic-*")), "the synthetic set was generated again"
+    finally:
+        cache.mkdir(parents=True, exist_ok=True)
+        for child in moved.iterdir():
+            if not (cache / child.name).exists():
+                shutil.move(child, cache / child.name)
+
+
 # ------------------------------------------------------------- the README's commands
 
 

@@ -122,6 +122,36 @@ def test_load_run_restores_the_saved_parameters(run, tiny_run):
         assert leaf.sharding.is_fully_replicated
 
 
+def test_a_run_with_assets_loads_without_its_data(run, tiny_run, synthetic_data, tmp_path):
+    """The run's copies of its tokenizers and data format (run.write_assets) replace the
+    data: with them, a workdir whose data is gone loads the same run."""
+    import shutil
+
+    from input_pipeline import dataset_format
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    spec = dataset_format.tokenizer_spec(str(data))
+    meta = dataset_format.load_meta(str(data)).to_json()
+    run_lib.write_assets(
+        str(workdir), caption_spec=spec, text_spec=spec, data_dir=str(data), dataset_meta=meta
+    )
+    shutil.rmtree(data)
+    kept = run_lib.read_assets(str(workdir))
+    assert kept["caption_tokenizer"] == f"sp:{workdir}/assets/caption_tokenizer/spm.model"
+    assert kept["dataset_meta"] == meta and kept["data_dir"] == str(data)
+    loaded = inference.load_run(str(workdir))
+    assert loaded.dataset_meta == meta
+    text = "Right dominant. 70% stenosis of the proximal LAD."
+    assert loaded.caption_tokenizer.encode(text) == run.caption_tokenizer.encode(text)
+    assert loaded.text_tokenizer.encode(text) == run.text_tokenizer.encode(text)
+    np.testing.assert_array_equal(
+        inference.embed_texts(loaded, [text]), inference.embed_texts(run, [text])
+    )
+
+
 def test_load_run_errors_name_what_is_missing(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         inference.load_run(str(tmp_path))
@@ -345,7 +375,7 @@ def test_raw_files_are_decoded_with_the_datasets_frame_limit_and_jpeg_quality(
     )
     meta = dataset_format.load_meta(out)
     assert (meta.max_frames, meta.frame_format, meta.jpeg_quality) == (5, "jpeg", 60)
-    load_clip = infer.make_clip_loader(dataclasses.replace(run, data_dir=out))
+    load_clip = infer.make_clip_loader(dataclasses.replace(run, dataset_meta=meta.to_json()))
     for example in list(dataset_format.read_split(out, "train").as_numpy_iterator())[:2]:
         assert len(example["frames"]) == 5
         clip = load_clip(os.path.join(source, example["path"].decode()))

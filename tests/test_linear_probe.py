@@ -178,10 +178,10 @@ def plugin(synthetic_data, tmp_path_factory):
     ctx8 = make_context(config, synthetic_data, str(tmp_path_factory.mktemp("w8")), 8)
     params8 = init_params(ctx8)  # once: the 1-device run gets a copy on its mesh
     ctx1 = make_context(config, synthetic_data, str(tmp_path_factory.mktemp("w1")), 1)
-    params1 = jax.device_put(params8, sharding.replicated(ctx1.mesh))
+    params1 = jax.device_put(params8, sharding.replicated(ctx1.spec.mesh))
     options = dict(name="p", split=SPLIT, train_split=SPLIT, bootstrap=200, seed=1)
-    eval8 = linear_probe.Evaluator(ctx8, batch_size=8, **options)
-    eval1 = linear_probe.Evaluator(ctx1, batch_size=4, **options)
+    eval8 = linear_probe.Evaluator(ctx8.predict_fns, ctx8.spec, batch_size=8, **options)
+    eval1 = linear_probe.Evaluator(ctx1.predict_fns, ctx1.spec, batch_size=4, **options)
     return {"metrics8": eval8.run(params8, 0), "metrics1": eval1.run(params1, 0),
             "ctx": ctx8, "params": params8}
 
@@ -200,7 +200,8 @@ def test_plugin_equals_a_probe_on_clip_by_clip_embeddings(plugin, synthetic_data
     encode = jax.jit(lambda params, video: ctx.model.apply(
         {"params": params}, video, method="encode_video")[0])
     embeddings = {}
-    for batch in pipeline.make_eval_dataset(synthetic_data, SPLIT, ctx.pp(), 4).as_numpy_iterator():
+    pp = ctx.spec.pp()
+    for batch in pipeline.make_eval_dataset(synthetic_data, SPLIT, pp, 4).as_numpy_iterator():
         for video, row, real in zip(batch["video"], batch["row"], batch["_mask"], strict=True):
             if real:
                 embeddings[int(row)] = np.asarray(encode(params, video[None])[0])
@@ -226,21 +227,23 @@ def test_plugin_equals_a_probe_on_clip_by_clip_embeddings(plugin, synthetic_data
 def test_bad_options_name_the_key(plugin):
     ctx = plugin["ctx"]
     with pytest.raises(ValueError, match=r"config.evals.p.labels: 'lvef'"):
-        linear_probe.Evaluator(ctx, name="p", batch_size=8, labels=["lvef"])
+        linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8, labels=["lvef"])
     with pytest.raises(ValueError, match="config.evals.p.l2"):
-        linear_probe.Evaluator(ctx, name="p", batch_size=8, l2=0.0)
+        linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8, l2=0.0)
     with pytest.raises(ValueError, match="config.evals.p.batch_size"):
-        linear_probe.Evaluator(ctx, name="p", batch_size=3)
+        linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=3)
 
 
 def test_data_without_labels_is_data_lacks_not_a_config_error(synthetic_data, tmp_path):
     data_dir = without_labels(synthetic_data, tmp_path / "no_labels")
     ctx = make_context(micro_config(), data_dir, str(tmp_path / "work"), 8)
     with pytest.raises(common.DataLacks, match="carries no numeric label column"):
-        linear_probe.Evaluator(ctx, name="p", batch_size=8)
+        linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8)
     with pytest.raises(common.DataLacks, match="has no split 'holdout'"):
-        linear_probe.Evaluator(ctx, name="p", batch_size=8, train_split="holdout")
+        linear_probe.Evaluator(
+            ctx.predict_fns, ctx.spec, name="p", batch_size=8, train_split="holdout"
+        )
     for options in (dict(l2=0.0), dict(labels=["lvef"])):  # the options' own errors come first
         with pytest.raises(ValueError) as error:
-            linear_probe.Evaluator(ctx, name="p", batch_size=8, **options)
+            linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8, **options)
         assert not isinstance(error.value, common.DataLacks)

@@ -25,7 +25,7 @@ def split_videos(ctx, split):
     from input_pipeline import pipeline
 
     videos = {}
-    dataset = pipeline.make_eval_dataset(ctx.data_dir, split, ctx.pp(), 4)
+    dataset = pipeline.make_eval_dataset(ctx.spec.data_dir, split, ctx.spec.pp(), 4)
     for batch in dataset.as_numpy_iterator():
         for video, row, real in zip(batch["video"], batch["row"], batch["_mask"], strict=True):
             if real:
@@ -48,10 +48,11 @@ def setup(synthetic_data, tmp_path_factory):
     ctx8 = make_context(config, synthetic_data, str(tmp_path_factory.mktemp("w8")), 8)
     params8 = init_params(ctx8)  # once: the 2-device run gets a copy on its mesh
     ctx2 = make_context(config, synthetic_data, str(tmp_path_factory.mktemp("w2")), 2)
-    params2 = jax.device_put(params8, sharding.replicated(ctx2.mesh))
-    eval8 = mvm.Evaluator(ctx8, name="m", split=SPLIT, batch_size=8, seed=SEED, num_images=2,
-                          num_frames_shown=3)
-    eval2 = mvm.Evaluator(ctx2, name="m", split=SPLIT, batch_size=2, seed=SEED, num_images=0)
+    params2 = jax.device_put(params8, sharding.replicated(ctx2.spec.mesh))
+    eval8 = mvm.Evaluator(ctx8.predict_fns, ctx8.spec, name="m", split=SPLIT, batch_size=8,
+                          seed=SEED, num_images=2, num_frames_shown=3)
+    eval2 = mvm.Evaluator(ctx2.predict_fns, ctx2.spec, name="m", split=SPLIT, batch_size=2,
+                          seed=SEED, num_images=0)
     return {
         "metrics8": eval8.run(params8, 7),
         "metrics2": eval2.run(params2, 7),
@@ -173,8 +174,8 @@ def test_displayed_videos_hold_the_masked_input_and_the_reconstruction(setup, re
     rows = np.array(sorted(reference)[:8], np.int32)  # the shape the PNG pass compiled
     videos = np.stack([reference[row][0] for row in rows])
     masked_input, reconstruction = jax.device_get(evaluator._display(
-        setup["params"], common.global_array(videos, ctx.mesh),
-        common.global_array(rows, ctx.mesh)))
+        setup["params"], common.global_array(videos, ctx.spec),
+        common.global_array(rows, ctx.spec)))
     patch_size = tuple(ctx.model.encoder.patch_size)
     grid = tuple(n // p for n, p in zip(videos.shape[1:4], patch_size, strict=True))
     for b, row in enumerate(rows):
@@ -207,8 +208,9 @@ def test_png_is_written_and_decodes(setup):
 def test_bad_options_name_the_key(setup):
     ctx = setup["ctx"]
     with pytest.raises(ValueError, match="config.evals.m.batch_size"):
-        mvm.Evaluator(ctx, name="m", batch_size=3)
+        mvm.Evaluator(ctx.predict_fns, ctx.spec, name="m", batch_size=3)
     with pytest.raises(ValueError, match="config.evals.m.num_frames_shown"):
-        mvm.Evaluator(ctx, name="m", batch_size=8, num_frames_shown=0)
+        mvm.Evaluator(ctx.predict_fns, ctx.spec, name="m", batch_size=8, num_frames_shown=0)
     with pytest.raises(ValueError, match="config.evals.m.pixel_range"):
-        mvm.Evaluator(ctx, name="m", batch_size=8, pixel_range=(1.0, -1.0))
+        mvm.Evaluator(ctx.predict_fns, ctx.spec, name="m", batch_size=8,
+                      pixel_range=(1.0, -1.0))

@@ -25,7 +25,7 @@ def results(synthetic_data, tmp_path_factory):
         ctx = make_context(config, synthetic_data, str(tmp_path_factory.mktemp("w")), devices)
         params = init_params(ctx)
         evaluator = retrieval.Evaluator(
-            ctx, name="r", split=SPLIT, batch_size=batch_size, level=level
+            ctx.predict_fns, ctx.spec, name="r", split=SPLIT, batch_size=batch_size, level=level
         )
         out[devices, batch_size, level] = (evaluator.run(params, 0), ctx, params, evaluator)
     return out
@@ -45,11 +45,11 @@ def test_metrics_equal_an_independent_computation(results, synthetic_data):
     table = common.split_table(synthetic_data, SPLIT)
     # Independent embeddings: the model on each clip, one by one, in row order.
     out = common.predict_split(
-        ctx, evaluator._embed_videos, params, split=SPLIT, pp=ctx.pp(), batch_size=4
+        ctx.spec, evaluator._embed_videos, params, split=SPLIT, pp=ctx.spec.pp(), batch_size=4
     )
     assert out["row"].tolist() == sorted(table["row"].tolist())  # every video once
     texts = sorted(set(table["report"].tolist()))
-    text_emb = common.encode_texts(ctx, evaluator._embed_texts, params, texts, 4)
+    text_emb = common.encode_texts(ctx.spec, evaluator._embed_texts, params, texts, 4)
     sim = out["video_emb"] @ text_emb.T  # [V, R]
     truth = np.array([texts.index(r) for r in table["report"]])
     ranks = np.array(
@@ -91,9 +91,11 @@ def test_chance_recall_matches_a_simulation():
 def test_a_bad_level_or_batch_size_names_the_key(synthetic_data, tmp_path):
     ctx = make_context(micro_config(), synthetic_data, str(tmp_path), 8)
     with pytest.raises(ValueError, match="config.evals.r.level"):
-        retrieval.Evaluator(ctx, name="r", level="frame")
+        retrieval.Evaluator(ctx.predict_fns, ctx.spec, name="r", level="frame")
     with pytest.raises(ValueError, match="config.evals.r.batch_size"):
-        retrieval.Evaluator(ctx, name="r", batch_size=jax.device_count() + 1)
+        retrieval.Evaluator(
+            ctx.predict_fns, ctx.spec, name="r", batch_size=jax.device_count() + 1
+        )
 
 
 def test_mean_pairwise_cosine_known_cases():

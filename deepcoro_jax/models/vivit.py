@@ -35,10 +35,9 @@ pt frames, stacked as channels, goes through ``len(stem_features)`` stages of
 two 3x3 convolutions (ReLU) and a 2x2 max pool, so ph = pw must be
 2**len(stem_features); a Dense layer then gives the D-wide token. The max-pool
 stages make a local finding (a short narrowing of a 1-2 px vessel) survive
-into its token. On 64-px synthetic angiograms a supervised ViViT-mu learned
-left-system lesions (val AUROC 0.72) only with this stem, ``pool_type='max'``
-and lr 3e-4; with the linear stem it stayed at chance (docs/training.md). Its receptive fields
-cross tubelet borders, so with ``keep_indices`` the pixels of the dropped
+into its token; docs/training.md says what it reads on small synthetic
+angiograms, with which pooling and learning rate, and at what cost. Its
+receptive fields cross tubelet borders, so with ``keep_indices`` the pixels of the dropped
 tubelets are zeroed before the stem: masked content never reaches a kept
 token, but the stem runs on the whole frame whatever the mask ratio.
 

@@ -8,7 +8,8 @@ For each file: the report the caption decoder writes (greedy, or beam search
 with ``--beam N``), the findings ``reports.parse_result`` reads from it, and the
 ``--top_k`` reports of a report bank closest to the video in the contrastive
 embedding (cosine similarity). The bank is the unique reports of the run's
-training split (read from its prepared dataset, without frames), or the
+training split (read from its prepared dataset, without frames; none, with a
+warning, when that dataset is no longer where the run found it), or the
 unique non-empty values of the ``report`` column (any case) of ``--bank CSV``
 ('α'- or comma-separated, as manifests are). ``--attention OUTDIR`` also writes
 the decoder's cross-attention per sentence as ``OUTDIR/<NNN>_<name>.png`` and
@@ -17,7 +18,8 @@ the decoder's cross-attention per sentence as ``OUTDIR/<NNN>_<name>.png`` and
 A file is decoded exactly as ``prepare`` decoded the training videos
 (``video_io.load_video`` at the dataset's frame size, ``--max_frames`` and
 ``--fps``, frames encoded in its frame format and JPEG quality, all read from the
-dataset's metadata) and turned into a clip by the run's eval pp
+copy of the dataset's metadata the run keeps) and turned into a clip by the run's
+eval pp
 (``input.eval_video_pp``: ``ops`` on an in-memory example).
 
 A file that cannot be used is reported with its reason and skipped; the exit
@@ -58,10 +60,8 @@ def make_clip_loader(run: inference.Run) -> Callable[[str], np.ndarray]:
 
     from input_pipeline import dataset_format, ops, video_io
 
-    meta = dataset_format.load_meta(run.data_dir)
-    preprocess = ops.get_preprocess_fn(
-        f"{run.video_pp}|keep('video')", train=False, data_dir=run.data_dir
-    )
+    meta = dataset_format.DatasetMeta.from_json(run.dataset_meta)
+    preprocess = ops.get_preprocess_fn(f"{run.video_pp}|keep('video')", train=False)
 
     def load(path: str) -> np.ndarray:
         decoded = video_io.load_video(path, meta.size, meta.max_frames, meta.fps)
@@ -99,8 +99,15 @@ def _csv_reports(path: str) -> list[str]:
     return [(row[columns[0]] or "").strip() for row in reader]
 
 
-def load_bank(run: inference.Run, csv_path: str | None) -> list[str]:
-    """The unique non-empty bank reports, in order of first appearance (module docstring)."""
+def load_bank(run: inference.Run, csv_path: str | None) -> list[str] | None:
+    """The unique non-empty bank reports, in order of first appearance (module docstring);
+    None, with a warning, when no --bank is given and the run's data is not there."""
+    if not csv_path and not paths.Path(run.data_dir).is_dir():
+        logging.warning(
+            "the run's training data (%s) is not there: no nearest reports; give --bank CSV",
+            run.data_dir,
+        )
+        return None
     texts = _csv_reports(csv_path) if csv_path else _split_reports(run)
     bank = list(dict.fromkeys(t for t in texts if t))
     if not bank:
@@ -150,8 +157,13 @@ def _print_result(record: dict, as_json: bool) -> None:
         return
     lines = [record["file"], f"  report: {record['report']}"]
     lines.append(f"  findings: {describe_findings(reports.parse_result(record['report']))}")
-    lines.append("  nearest bank reports (cosine similarity):")
-    lines += [f"    {m['rank']}. {m['similarity']:+.3f}  {m['report']}" for m in record["top_k"]]
+    if record["top_k"]:
+        lines.append("  nearest bank reports (cosine similarity):")
+        lines += [
+            f"    {m['rank']}. {m['similarity']:+.3f}  {m['report']}" for m in record["top_k"]
+        ]
+    else:
+        lines.append("  nearest bank reports: none (no report bank)")
     if "attention_png" in record:
         lines.append(f"  attention maps: {record['attention_png']}, {record['attention_gif']}")
     elif "attention_error" in record:
@@ -186,8 +198,8 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
     """
     from input_pipeline import video_io
 
-    bank = load_bank(run, args.bank)
-    bank_emb = inference.embed_texts(run, bank)  # [R, E]
+    bank = load_bank(run, args.bank) or []
+    bank_emb = inference.embed_texts(run, bank) if bank else None  # [R, E]
     top_k = min(args.top_k, len(bank))
     load_clip = make_clip_loader(run)
     processed = 0
@@ -206,7 +218,9 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
         if clips:
             batch = np.stack(clips)  # [n, T, H, W, 1]
             video_emb = inference.embed_videos(run, batch, FILES_PER_CHUNK)  # [n, E]
-            similarities = video_emb @ bank_emb.T  # [n, R]
+            similarities = (  # [n, R]
+                video_emb @ bank_emb.T if bank else np.zeros((len(video_emb), 0), np.float32)
+            )
             generated = inference.generate_reports(
                 run, batch, beam_size=args.beam, batch_size=FILES_PER_CHUNK
             )

@@ -8,13 +8,14 @@ preprocessed clips (NumPy, the eval pp's output) and report texts, pad the last
 batch, spread each batch over every local device and return NumPy arrays.
 
 Inference runs in one process (all its local devices); the parameters are
-replicated. The run's data dir is needed for its tokenizer: the prepared
-dataset the run trained on (``config.input.data_dir``, or the synthetic set,
-rebuilt in its cache when missing, exactly as the trainer does).
+replicated. Everything else comes from the workdir: the tokenizers and the
+training data's format are the run's own copies (``WORKDIR/assets``,
+`run.write_assets`), so the prepared data may have moved or gone. (A run
+written before runs kept them reads both from its data, as the trainer did.)
 
 Not for: reading files or datasets (``infer.py``, ``export.py``), training,
-evaluation schedules. TensorFlow is imported only inside `load_run`, where the
-prepared dataset's metadata is read.
+evaluation schedules. No TensorFlow is imported, except by `load_run` for a run
+without assets.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Run:
     caption_tokenizer: tokenizers.Tokenizer
     text_tokenizer: tokenizers.Tokenizer
     text_tokenizer_spec: str
-    data_dir: str  # the prepared dataset the run trained on
+    data_dir: str  # where the prepared dataset the run trained on was (it may have moved)
+    dataset_meta: dict  # that dataset's format (`dataset_format.DatasetMeta.to_json`)
     mesh: Mesh
 
     @property
@@ -140,8 +142,6 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     ``params`` into a target made with ``jax.eval_shape``, replicated over a
     mesh of every device. Raises naming the missing file, step or weight.
     """
-    from input_pipeline import data_cache
-
     if jax.process_count() > 1:
         raise RuntimeError(
             f"inference runs in one process; this is process {jax.process_index()} of "
@@ -150,9 +150,17 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     workdir = paths.resolve(workdir)
     config = load_config(workdir)
     step = checkpoint_step(workdir, step)
-    data_dir = data_cache.resolve_data_dir(config.input)
-    caption_spec = run_lib.tokenizer_spec(config.input.caption_tokenizer, data_dir)
-    text_spec = run_lib.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
+    kept = run_lib.read_assets(workdir)
+    if kept:  # the run's own copies: no prepared data needed
+        caption_spec, text_spec = kept["caption_tokenizer"], kept["text_tokenizer"]
+        data_dir, dataset_meta = kept["data_dir"], kept["dataset_meta"]
+    else:  # a run written before runs kept their assets: read them from its data
+        from input_pipeline import data_cache, dataset_format
+
+        data_dir = data_cache.resolve_data_dir(config.input)
+        caption_spec = run_lib.tokenizer_spec(config.input.caption_tokenizer, data_dir)
+        text_spec = run_lib.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
+        dataset_meta = dataset_format.load_meta(data_dir).to_json()
     caption_tokenizer = tokenizers.get_tokenizer(caption_spec)
     model = run_lib.build_model(config, caption_tokenizer.vocab_size, caption_tokenizer.pad_id)
     mesh = sharding.make_mesh()
@@ -172,6 +180,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         text_tokenizer=tokenizers.get_tokenizer(text_spec),
         text_tokenizer_spec=text_spec,
         data_dir=data_dir,
+        dataset_meta=dataset_meta,
         mesh=mesh,
     )
 

@@ -6,8 +6,12 @@ specs (`tokenizer_spec`), the model (`build_model`), durations in any unit
 (`resolve_steps`), the optax chain (`make_optimizer`), the train state born sharded
 (`create_train_state`, `state_shardings`) and its initial weights from a Hugging
 Face text tower or another run (`initial_weights`), and the update step
-(`make_train_step`) with the checks of its metrics (`check_finite`). No TensorFlow
-is imported at the top: only `tokenizer_spec` reads a prepared dataset's metadata.
+(`make_train_step`) with the checks of its metrics (`check_finite`), and the files a
+run keeps of its inputs so that it can be used without them (`write_assets`,
+`read_assets`: tokenizers, the data's format), and what its evaluators get
+(`predict_fns`: named, jitted predict functions; `eval_spec`: their input). No
+TensorFlow is imported at the top: only `tokenizer_spec` reads a prepared
+dataset's metadata.
 
 The train step is one jitted function of (state, batch): the composite forward
 pass, the weighted sum of the contrastive (SigLIP or softmax), caption and MVM
@@ -23,6 +27,7 @@ and schedules (``optim.py``); checkpoint mechanics (``checkpoint.py``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -34,13 +39,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepcoro_jax import losses
-from deepcoro_jax.models import multitask
+from deepcoro_jax.models import decode, multitask
 from deepcoro_jax.models import mvm as mvm_lib
 from deepcoro_jax.training import checkpoint, optim, sharding
+from evaluators import common as eval_common
 
 LOSS_TERMS = ("contrastive", "caption", "mvm", "distill")
 DURATION_UNITS = ("steps", "examples", "epochs", "percent")  # in order of precedence
@@ -144,6 +151,73 @@ def tokenizer_spec(spec: str, data_dir: str, text_init: str = "") -> str:
     if spec == "dataset":
         return dataset_format.tokenizer_spec(data_dir)
     return spec
+
+
+# The files a run keeps of its inputs, under WORKDIR/assets (see `write_assets`).
+ASSETS_DIR = "assets"
+ASSETS_FILE = "run.json"
+DATASET_META_FILE = "dataset_meta.json"
+WORDPIECE_FILES = (
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+)
+
+
+def _tokenizer_kind_and_path(spec: str) -> tuple[str, str]:
+    """('sp' or 'wordpiece', path) of a spec, as `tokenizers.get_tokenizer` reads it."""
+    kind, sep, path = spec.partition(":")
+    if sep and kind in ("sp", "wordpiece"):
+        return kind, path
+    return ("wordpiece" if epath.Path(spec).is_dir() else "sp"), spec
+
+
+def _copy_tokenizer(spec: str, folder: epath.Path) -> str:
+    """Copies the files of tokenizer `spec` into `folder`; the spec relative to its parent."""
+    kind, path = _tokenizer_kind_and_path(spec)
+    source = epath.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "sp":
+        (folder / source.name).write_bytes(source.read_bytes())
+        return f"sp:{folder.name}/{source.name}"
+    for name in WORDPIECE_FILES:
+        if (source / name).exists():
+            (folder / name).write_bytes((source / name).read_bytes())
+    return f"wordpiece:{folder.name}"
+
+
+def write_assets(
+    workdir: str, *, caption_spec: str, text_spec: str, data_dir: str, dataset_meta: dict
+) -> None:
+    """Writes into ``WORKDIR/assets`` what any later use of the run needs besides its
+    config and checkpoints: copies of both tokenizers' files, the prepared data's
+    format (`dataset_meta`: frame size and format, prepare's frame options and fps,
+    label columns) and where the data was (``run.json``). `read_assets` reads them
+    back; inference and eval then need no prepared data to build the model."""
+    assets = epath.Path(workdir) / ASSETS_DIR
+    record = {
+        "caption_tokenizer": _copy_tokenizer(caption_spec, assets / "caption_tokenizer"),
+        "text_tokenizer": _copy_tokenizer(text_spec, assets / "text_tokenizer"),
+        "data_dir": data_dir,
+    }
+    (assets / DATASET_META_FILE).write_text(json.dumps(dataset_meta, indent=2))
+    (assets / ASSETS_FILE).write_text(json.dumps(record, indent=2))
+
+
+def read_assets(workdir: str) -> dict | None:
+    """What `write_assets` wrote: the tokenizer specs (absolute), ``data_dir`` (where the
+    run's data was; it may have moved since) and ``dataset_meta`` (a dict); None for a
+    run without assets (written before runs kept them)."""
+    assets = epath.Path(workdir) / ASSETS_DIR
+    if not (assets / ASSETS_FILE).exists():
+        return None
+    record = json.loads((assets / ASSETS_FILE).read_text())
+    for role in ("caption_tokenizer", "text_tokenizer"):
+        kind, _, relative = record[role].partition(":")
+        record[role] = f"{kind}:{assets / relative}"
+    record["dataset_meta"] = json.loads((assets / DATASET_META_FILE).read_text())
+    return record
 
 
 def build_model(
@@ -395,9 +469,9 @@ def make_train_step(
             return grads, terms, weighted
 
         if k == 1:
-            # No loop around a single micro-batch: XLA optimises a loop body less
-            # (on CPU the convolutions' gradients stay in slow layouts there: the
-            # conv stem's step ran 13x slower inside a one-iteration scan).
+            # No loop around a single micro-batch: XLA optimises a loop body less (on
+            # CPU the convolutions' gradients stay in slow layouts there; measured in
+            # docs/training.md).
             grads, terms, weighted = micro_grads(batch, 0)
         else:
 
@@ -472,3 +546,136 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
 def peak_flops(device: jax.Device) -> float | None:
     """The nominal dense bf16 peak of `device` (FLOP/s), or None when unknown (e.g. CPU)."""
     return PEAK_FLOPS.get(getattr(device, "device_kind", ""))
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+DECODE_STRATEGIES = ("greedy", "beam")
+
+
+def predict_fns(model: multitask.MultitaskModel, mesh: Mesh) -> dict[str, Callable]:
+    """The predict functions a run hands its evaluators, by name (docs/metrics.md).
+
+    Each is ``fn(params, batch, **options) -> {name: [B, ...]}``, jitted, its
+    outputs split over the batch axes of `mesh` like the batch: an evaluator
+    composes several inside one jitted function (``evaluators.common.make_predict``)
+    without gathering in between, and a video is encoded once for all of them.
+
+    - ``encode_video``: 'video' [B, T, H, W, C] (or studies [B, V, ...] with
+      'video_mask' [B, V]) -> 'video_emb' [B, E] (normalised), 'video_tokens'
+      [B, L, D] and 'video_token_mask' [B, L] (the caption decoder's memory);
+    - ``encode_text``: 'text_ids', 'text_mask' [B, Lt] -> 'text_emb' [B, E] (normalised);
+    - ``caption_logits``: the memory ('video_tokens', 'video_token_mask') and
+      'caption_in' [B, Lc] -> teacher-forced 'caption_logits' [B, Lc, vocab];
+    - ``generate``: the memory -> 'tokens' [B, max_len] (EOS, then pad_id), decoded
+      on the KV cache (``decode.py``); options (static): bos_id, eos_id, pad_id,
+      max_len, strategy ('greedy' or 'beam'), beam_size, length_penalty;
+    - ``reconstruct``: 'video' [B, T, H, W, C] and 'mask_rng' [B] (a key per
+      video, its MVM mask) -> 'mvm_pred', 'mvm_target' [B, M, P] and
+      'mvm_masked_indices' [B, M], as in training, without dropout.
+    """
+
+    def encode_video(params, batch):
+        video_emb, aux = model.apply(
+            {"params": params}, batch["video"], batch.get("video_mask"), method="encode_video"
+        )
+        return {
+            "video_emb": video_emb,
+            "video_tokens": aux["video_tokens"],
+            "video_token_mask": aux["video_token_mask"],
+        }
+
+    def encode_text(params, batch):
+        text_emb, _ = model.apply(
+            {"params": params}, batch["text_ids"], batch["text_mask"], method="encode_text"
+        )
+        return {"text_emb": text_emb}
+
+    def caption_logits(params, batch):
+        logits = model.apply(
+            {"params": params},
+            batch["video_tokens"],
+            batch["video_token_mask"],
+            batch["caption_in"],
+            method="caption_logits",
+        )
+        return {"caption_logits": logits}
+
+    def generate(
+        params,
+        batch,
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        max_len: int,
+        strategy: str = "greedy",
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+    ):
+        decoder, decoder_params = model.caption_decoder, params["caption_decoder"]
+        memory, memory_mask = batch["video_tokens"], batch["video_token_mask"]
+        ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=max_len)
+        if strategy == "greedy":
+            out = decode.greedy(decoder, decoder_params, memory, memory_mask, **ids)
+        elif strategy == "beam":
+            out = decode.beam_search(
+                decoder, decoder_params, memory, memory_mask, **ids,
+                beam_size=beam_size, length_penalty=length_penalty,
+            )
+        else:
+            raise ValueError(f"generate: strategy={strategy!r}; choose one of {DECODE_STRATEGIES}")
+        return {"tokens": out.tokens}
+
+    def reconstruct(params, batch):
+        def one(video, mask_rng):  # [T, H, W, C], its own mask
+            out, aux = model.apply(
+                {"params": params}, video[None], method="reconstruct", rngs={"mask": mask_rng}
+            )
+            return out["mvm_pred"][0], out["mvm_target"][0], aux["mvm_masked_indices"][0]
+
+        pred, target, masked = jax.vmap(one)(batch["video"], batch["mask_rng"])
+        return {"mvm_pred": pred, "mvm_target": target, "mvm_masked_indices": masked}
+
+    split = sharding.batch_sharding(mesh)
+    decode_options = (
+        "bos_id", "eos_id", "pad_id", "max_len", "strategy", "beam_size", "length_penalty"
+    )
+    return {
+        "encode_video": jax.jit(encode_video, out_shardings=split),
+        "encode_text": jax.jit(encode_text, out_shardings=split),
+        "caption_logits": jax.jit(caption_logits, out_shardings=split),
+        "generate": jax.jit(generate, out_shardings=split, static_argnames=decode_options),
+        "reconstruct": jax.jit(reconstruct, out_shardings=split),
+    }
+
+
+def eval_spec(
+    config: ml_collections.ConfigDict,
+    model: multitask.MultitaskModel,
+    mesh: Mesh,
+    *,
+    data_dir: str,
+    workdir: str,
+    text_tokenizer_spec: str,
+    caption_tokenizer_spec: str,
+) -> eval_common.EvalSpec:
+    """What the evaluators get of this run besides `predict_fns`: where its data is and
+    how to read it (``config.input``'s eval pp, tokenizers and lengths), the shapes of
+    the model they need, the mesh, and the workdir for their artefacts."""
+    size = config.model.image_size
+    return eval_common.EvalSpec(
+        data_dir=data_dir,
+        workdir=workdir,
+        mesh=mesh,
+        batch_axes=sharding.DATA_AXES,
+        video_pp=config.input.eval_video_pp,
+        clip_shape=(config.model.num_frames, *((size, size) if isinstance(size, int) else size)),
+        text_tokenizer_spec=text_tokenizer_spec,
+        caption_tokenizer_spec=caption_tokenizer_spec,
+        text_max_len=config.input.text_max_len,
+        caption_max_len=config.input.caption_max_len,
+        max_decode_len=model.caption_decoder.max_len,
+        patch_size=tuple(model.encoder.patch_size),
+        normalize_mvm_target=model.normalize_mvm_target,
+    )

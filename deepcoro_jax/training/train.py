@@ -123,9 +123,17 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
 
     # ------------------------------------------------------------------ input
     data_dir = data_cache.resolve_data_dir(config.input, process_index=jax.process_index())
-    caption_spec = run.tokenizer_spec(config.input.caption_tokenizer, data_dir)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    resume_step = checkpoint.latest_step(checkpoint_dir)
+    # A run that has checkpoints keeps the tokenizers they were trained with (the workdir's
+    # copies), whatever the data folder holds now; a new run takes the data's.
+    kept = run.read_assets(workdir) if resume_step is not None else None
+    if kept:
+        caption_spec, text_spec = kept["caption_tokenizer"], kept["text_tokenizer"]
+    else:
+        caption_spec = run.tokenizer_spec(config.input.caption_tokenizer, data_dir)
+        text_spec = run.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
     caption_tok = tokenizers.get_tokenizer(caption_spec)
-    text_spec = run.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
     global_batch = config.input.batch_size
     accum_steps = config.grad_accum_steps
     if global_batch % (jax.device_count() * accum_steps):
@@ -216,8 +224,6 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         best_metric=best_name or None,
         best_mode=best_mode or "max",
     )
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    resume_step = checkpoint.latest_step(checkpoint_dir)
     if mode == "eval" and resume_step is None:
         raise FileNotFoundError(f"mode='eval': no checkpoint in {checkpoint_dir}")
     if resume_step is not None:
@@ -256,16 +262,19 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         state = run.initial_weights(state, config, shardings)
 
     # ------------------------------------------------------------- evaluators
-    eval_ctx = eval_common.EvalContext(
-        model=model,
-        config=config,
-        mesh=mesh,
+    # They get predict functions and the spec of their input, not the model or the config.
+    eval_spec = run.eval_spec(
+        config,
+        model,
+        mesh,
         data_dir=data_dir,
         workdir=workdir,
         text_tokenizer_spec=text_spec,
         caption_tokenizer_spec=caption_spec,
     )
-    evaluators = eval_common.build_evaluators(config.evals, eval_ctx)
+    evaluators = eval_common.build_evaluators(
+        config.evals, run.predict_fns(model, mesh), eval_spec
+    )
     if mode == "eval" and not evaluators:
         raise ValueError(f"mode='eval': every evaluator of config.evals left out for {data_dir}")
 
@@ -276,6 +285,14 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         paths.Path(workdir).mkdir(parents=True, exist_ok=True)
         if mode == "train":  # eval mode leaves the config the checkpoints were trained with
             (paths.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        if mode == "train" and not kept:
+            run.write_assets(
+                workdir,
+                caption_spec=caption_spec,
+                text_spec=text_spec,
+                data_dir=data_dir,
+                dataset_meta=dataset_format.load_meta(data_dir).to_json(),
+            )
     if ckpt is None:
         ckpt = checkpoint.Checkpointer(checkpoint_dir, **checkpoint_options)
 
@@ -301,7 +318,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     pending: tuple[int, Any] | None = None  # a step's metrics, checked while the next one runs
     data_wait, window_start, window_step = 0.0, time.perf_counter(), step
 
-    def evaluate(due: list[eval_common.Scheduled]) -> dict[str, float]:
+    def evaluate(due: list[eval_common.Evaluator]) -> dict[str, float]:
         results = run_evaluators(due, state.params, step)
         evaluated.update(results)
         return results
@@ -402,17 +419,16 @@ def run_evaluators(evaluators: list, params: Any, step: int) -> dict[str, float]
     """Runs `evaluators` on `params`; their results as ``<name>/<metric>``, plus
     ``<name>/seconds``. Prints each one's headline metrics (its ``HEADLINE``)."""
     results = {}
-    for scheduled in evaluators:
+    for evaluator in evaluators:
         start = time.perf_counter()
         with jax.transfer_guard("allow"):  # evaluators move batches and results
-            metrics = scheduled.evaluator.run(params, step)
+            metrics = evaluator.run(params, step)
         seconds = time.perf_counter() - start
-        results.update({f"{scheduled.name}/{k}": float(v) for k, v in metrics.items()})
-        results[f"{scheduled.name}/seconds"] = seconds
-        headline = getattr(scheduled.evaluator, "HEADLINE", ())
-        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in headline if k in metrics)
+        results.update({f"{evaluator.name}/{k}": float(v) for k, v in metrics.items()})
+        results[f"{evaluator.name}/seconds"] = seconds
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in evaluator.HEADLINE if k in metrics)
         if jax.process_index() == 0:
-            print(f"eval {scheduled.name} @ step {step}: {shown}  ({seconds:.1f} s)", flush=True)
+            print(f"eval {evaluator.name} @ step {step}: {shown}  ({seconds:.1f} s)", flush=True)
     return results
 
 
