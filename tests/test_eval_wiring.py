@@ -82,6 +82,8 @@ def test_a_bad_evaluator_is_named(synthetic_data, tmp_path):
     config.evals.train_retrieval.topk = 3
     with pytest.raises(ValueError, match=r"config.evals.train_retrieval: .*topk"):
         train.main(config, str(tmp_path / "unknown_option"))
+    # Both stop before compiling, let alone writing.
+    assert not list(tmp_path.iterdir())
 
 
 def _warnings(caplog) -> list[str]:

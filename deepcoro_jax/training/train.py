@@ -3,9 +3,9 @@
 `main(config, workdir)` reads top to bottom in sections: paths; mesh; input;
 durations; model and optimizer; the train state's shapes and shardings; the
 jitted train step; the checkpoint to resume from, checked against the state;
-the step compiled and checked to fit in memory; the state, restored or
-initialised (or from another run); evaluators; only then the workdir (config,
-log); the loop. What those sections build from the config (the model, the
+the evaluators; the step compiled and checked to fit in memory; the state,
+restored or initialised (or from another run); only then the workdir (config,
+assets, log); the loop. What those sections build from the config (the model, the
 optimizer, the state, the update step, durations) comes from ``run.py``, which
 the tools and the benchmarks share; here are only the loop and its logging
 (`JsonlWriter`, `fetch_metrics`, `run_evaluators`). Nothing but launch.py imports
@@ -229,6 +229,24 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     if resume_step is not None:
         checkpoint.check_matches(checkpoint_dir, resume_step, abstract_sharded)
 
+    # ------------------------------------------------------------- evaluators
+    # They get predict functions and the spec of their input, not the model or the config;
+    # built before compiling, so that a bad config.evals entry stops the run at once.
+    eval_spec = run.eval_spec(
+        config,
+        model,
+        mesh,
+        data_dir=data_dir,
+        workdir=workdir,
+        text_tokenizer_spec=text_spec,
+        caption_tokenizer_spec=caption_spec,
+    )
+    evaluators = eval_common.build_evaluators(
+        config.evals, run.predict_fns(model, mesh), eval_spec
+    )
+    if mode == "eval" and not evaluators:
+        raise ValueError(f"mode='eval': every evaluator of config.evals left out for {data_dir}")
+
     # ----------------------------------------- compile, and check that the step fits
     compiled_step = None
     if mode == "train":
@@ -260,23 +278,6 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
         state = run.initial_weights(state, config, shardings)
-
-    # ------------------------------------------------------------- evaluators
-    # They get predict functions and the spec of their input, not the model or the config.
-    eval_spec = run.eval_spec(
-        config,
-        model,
-        mesh,
-        data_dir=data_dir,
-        workdir=workdir,
-        text_tokenizer_spec=text_spec,
-        caption_tokenizer_spec=caption_spec,
-    )
-    evaluators = eval_common.build_evaluators(
-        config.evals, run.predict_fns(model, mesh), eval_spec
-    )
-    if mode == "eval" and not evaluators:
-        raise ValueError(f"mode='eval': every evaluator of config.evals left out for {data_dir}")
 
     # ------------------------------------------------------------------ the workdir
     # Everything above checked the config, the data and the checkpoint: now write.
