@@ -51,6 +51,7 @@ from sklearn.preprocessing import StandardScaler
 
 from evaluators import common
 
+BOOTSTRAP_CHUNK = 128  # resamples scored together by `weighted_aurocs`
 _NEWTON_MAX_STEPS = 100
 # On max |gradient| and half the squared Newton decrement of scikit-learn's objective,
 # which is ours divided by the number of examples; Newton converges quadratically.
@@ -134,6 +135,27 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def weighted_aurocs(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The AUROC of `scores` for each row of `weights` [R, N] as example weights: [R].
+
+    The Mann-Whitney statistic over weighted pairs (ties count one half), which is
+    what ``roc_auc_score(labels, scores, sample_weight=row)`` computes, for all rows
+    at once: examples are grouped by score, and each group's positives win over the
+    negatives of lower groups. NaN for a row without weight on both classes.
+    """
+    groups, index = np.unique(scores, return_inverse=True)
+    order = np.argsort(index, kind="stable")
+    starts = np.searchsorted(index[order], np.arange(len(groups)))
+    positive = (labels == 1)[order]
+    w = np.asarray(weights, np.float64)[:, order]
+    pos = np.add.reduceat(w * positive, starts, axis=1)  # [R, G] positive weight per score
+    neg = np.add.reduceat(w * ~positive, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight with a lower score
+    wins = np.sum(pos * (below + 0.5 * neg), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return wins / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
 def bootstrap_auroc_ci(
     scores: np.ndarray,
     labels: np.ndarray,
@@ -144,9 +166,9 @@ def bootstrap_auroc_ci(
     """Percentile bootstrap CI of the AUROC: resamples the examples with replacement.
 
     Each resample is the number of times each example is drawn (a multinomial
-    draw), scored by ``roc_auc_score`` with those counts as sample weights.
-    Resamples holding one class only are dropped. Returns (low, high); NaN when
-    no resample holds both classes.
+    draw), scored as ``roc_auc_score`` with those counts as sample weights
+    (`weighted_aurocs`, all resamples at once). Resamples holding one class only
+    are dropped. Returns (low, high); NaN when no resample holds both classes.
     """
     scores, labels = _check_binary(scores, labels, "bootstrap_auroc_ci")
     if num_resamples < 1 or not 0 < level < 1:
@@ -155,13 +177,14 @@ def bootstrap_auroc_ci(
     rng = np.random.default_rng(seed)
     num_examples = len(scores)
     uniform = np.full(num_examples, 1.0 / num_examples)
-    positive = labels == 1
     values = []
-    for _ in range(num_resamples):
-        counts = rng.multinomial(num_examples, uniform)  # [N] times each example is drawn
-        if counts[positive].any() and counts[~positive].any():
-            values.append(roc_auc_score(labels, scores, sample_weight=counts))
-    if not values:
+    for start in range(0, num_resamples, BOOTSTRAP_CHUNK):  # [chunk, N] counts at a time
+        size = min(BOOTSTRAP_CHUNK, num_resamples - start)
+        counts = np.stack([rng.multinomial(num_examples, uniform) for _ in range(size)])
+        aurocs = weighted_aurocs(scores, labels, counts)
+        values.append(aurocs[np.isfinite(aurocs)])
+    values = np.concatenate(values)
+    if not len(values):
         return float("nan"), float("nan")
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])

@@ -47,6 +47,24 @@ def test_auroc_matches_mann_whitney_with_ties():
         linear_probe.auroc([0.1, 0.2], [1, 1])
 
 
+def test_weighted_aurocs_equal_sklearn_with_sample_weights():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(11)
+    scores = rng.integers(0, 6, 40).astype(np.float64)  # many ties
+    labels = (rng.random(40) < 0.4).astype(np.int64)
+    weights = rng.integers(0, 4, (25, 40))
+    weights[0] = 1
+    weights[1, labels == 0] = 0  # one class only: no AUROC
+    got = linear_probe.weighted_aurocs(scores, labels, weights)
+    assert np.isnan(got[1])
+    for row, value in zip(weights, got, strict=True):
+        if row[labels == 1].any() and row[labels == 0].any():
+            expected = roc_auc_score(labels, scores, sample_weight=row)
+            np.testing.assert_allclose(value, expected, rtol=1e-12)
+    np.testing.assert_allclose(got[0], roc_auc_score(labels, scores), rtol=1e-12)
+
+
 def test_bootstrap_ci_matches_a_loop_over_resamples():
     rng = np.random.default_rng(1)
     scores = rng.normal(size=40)
