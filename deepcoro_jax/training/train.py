@@ -8,7 +8,8 @@ restored or initialised (or from another run); only then the workdir (config,
 assets, log); the loop. What those sections build from the config (the model, the
 optimizer, the state, the update step, durations) comes from ``run.py``, which
 the tools and the benchmarks share; here are only the loop and its logging
-(`JsonlWriter`, `fetch_metrics`, `run_evaluators`). Nothing but launch.py imports
+(`RunLog`: metrics.jsonl by `JsonlWriter`, TensorBoard, the progress line;
+`fetch_metrics`, `run_evaluators`). Nothing but launch.py imports
 this module.
 
 Not here: the update step and what a run is built from (``run.py``), the losses
@@ -76,6 +77,87 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+class RunLog:
+    """Where a run's numbers go: metrics.jsonl (process 0), TensorBoard, and the
+    terminal's progress line, with the throughput of the steps since the last one
+    (videos/s, step time, data wait) and, on devices of known peak, the MFU."""
+
+    def __init__(
+        self,
+        workdir: str,
+        first_step: int,
+        total_steps: int,
+        *,
+        global_batch: int,
+        videos_per_example: int,
+        flops_per_example: float,
+        term_names: list[str],
+    ):
+        from clu import metric_writers  # TensorFlow's summary writer
+
+        is_main = jax.process_index() == 0
+        metrics_file = os.path.join(workdir, METRICS_FILE)
+        self._jsonl = JsonlWriter(metrics_file, first_step) if is_main else None
+        self._tensorboard = metric_writers.create_default_writer(
+            workdir, just_logging=not is_main, asynchronous=False
+        )
+        self._first_step, self._total_steps = first_step, total_steps
+        self._global_batch, self._videos_per_example = global_batch, videos_per_example
+        self._flops_per_example = flops_per_example
+        self._peak = run.peak_flops(jax.devices()[0])
+        self._term_names = term_names
+        self._prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+        self.restart_clock(first_step)
+
+    def restart_clock(self, step: int) -> None:
+        """Throughput is measured from now, over the steps after `step`."""
+        self._window_start, self._window_step, self._data_wait = time.perf_counter(), step, 0.0
+
+    def waited_for_data(self, seconds: float) -> None:
+        self._data_wait += seconds
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        if self._jsonl:
+            self._jsonl.write(step, values)
+        self._tensorboard.write_scalars(step, values)
+
+    def progress(self, step: int, metrics: Mapping[str, float], results: Mapping[str, float]):
+        """Logs a step's metrics and evaluator `results` with the throughput, and prints
+        its progress line."""
+        steps = step - self._window_step
+        seconds = (time.perf_counter() - self._window_start) / steps
+        values = {
+            **metrics,
+            "videos_per_s": self._global_batch / seconds,
+            "step_time_s": seconds,
+            "data_wait_s": self._data_wait / steps,
+            **results,
+        }
+        if self._peak:
+            flops = self._flops_per_example * self._global_batch / seconds
+            values["mfu"] = flops / (self._peak * jax.device_count())
+        self.write(step, values)
+        terms = "  ".join(f"{n} {values[f'loss/{n}']:.4f}" for n in self._term_names)
+        # A (re)start's first step includes one-off start-up (the first execution, the
+        # shuffle buffer): no ETA from it alone.
+        eta = (
+            f"ETA {(self._total_steps - step) * seconds / 60:.1f} min"
+            if step > self._first_step + 1
+            else "first step, start-up included"
+        )
+        print(
+            f"{self._prefix}step {step}/{self._total_steps}  loss {values['loss']:.6f}  {terms}  "
+            f"{values['videos_per_s'] * self._videos_per_example:.1f} videos/s  {eta}",
+            flush=True,
+        )
+        self.restart_clock(step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        self._tensorboard.close()
+
+
 # --------------------------------------------------------------------------------- main
 
 
@@ -92,8 +174,6 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     or a mismatched checkpoint leaves the workdir as it was. A SIGTERM or SIGINT
     stops the loop at the step during which it came, which is saved first.
     """
-    from clu import metric_writers
-
     from deepcoro_jax.domain import tokenizers
     from evaluators import common as eval_common
     from input_pipeline import data_cache, dataset_format, pipeline
@@ -299,25 +379,26 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
 
     # ------------------------------------------------------------------- loop
     step = first_step = int(jax.device_get(state.step))
-    writer = JsonlWriter(os.path.join(workdir, METRICS_FILE), first_step) if is_main else None
-    tb_writer = metric_writers.create_default_writer(
-        workdir, just_logging=not is_main, asynchronous=False
+    log = RunLog(
+        workdir,
+        first_step,
+        total_steps,
+        global_batch=global_batch,
+        videos_per_example=(
+            example_batch["video"].shape[1] if config.input.study_videos else 1
+        ),
+        flops_per_example=multitask.training_flops_per_example(
+            model,
+            example_batch["video"].shape[1:],
+            config.input.text_max_len,
+            config.input.caption_max_len,
+            mvm=run.uses_mvm(config),
+        )["training"],
+        term_names=run.loss_term_names(config),
     )
-    videos_per_example = example_batch["video"].shape[1] if config.input.study_videos else 1
-    flops = multitask.training_flops_per_example(
-        model,
-        example_batch["video"].shape[1:],
-        config.input.text_max_len,
-        config.input.caption_max_len,
-        mvm=run.uses_mvm(config),
-    )["training"]
-    peak = run.peak_flops(jax.devices()[0])
-    prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
-    term_names = run.loss_term_names(config)
     last: dict[str, float] = {}
     evaluated: dict[str, float] = {}  # the latest results of every evaluator
     pending: tuple[int, Any] | None = None  # a step's metrics, checked while the next one runs
-    data_wait, window_start, window_step = 0.0, time.perf_counter(), step
 
     def evaluate(due: list[eval_common.Evaluator]) -> dict[str, float]:
         results = run_evaluators(due, state.params, step)
@@ -327,23 +408,19 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     if mode == "eval" or (first_step == 0 and any(e.at_start for e in evaluators)):
         due = evaluators if mode == "eval" else [e for e in evaluators if e.at_start]
         results = evaluate(due)
-        if writer:
-            writer.write(step, results)
-        tb_writer.write_scalars(step, results)
+        log.write(step, results)
         if mode == "eval":
             ckpt.close()
-            if writer:
-                writer.close()
-            tb_writer.close()
+            log.close()
             return results
 
-    window_start = time.perf_counter()  # the first ETA counts neither compilation nor evals
+    log.restart_clock(step)  # the first ETA counts neither compilation nor evaluations
     try:
         with checkpoint.PreemptionGuard() as guard, jax.transfer_guard("disallow"):
             while step < total_steps:
                 wait_start = time.perf_counter()
                 local_batch = next(train_iter)
-                data_wait += time.perf_counter() - wait_start
+                log.waited_for_data(time.perf_counter() - wait_start)
                 with jax.transfer_guard_host_to_device("allow"):  # the one deliberate copy
                     batch = pipeline.global_batch(local_batch, mesh, sharding.DATA_AXES)
                 state, metrics = compiled_step(state, batch)
@@ -360,33 +437,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                 last = fetch_metrics(step, metrics)
                 step_results = evaluate(due) if due else {}
                 if log_now:
-                    seconds = (time.perf_counter() - window_start) / (step - window_step)
-                    values = {
-                        **last,
-                        "videos_per_s": global_batch / seconds,
-                        "step_time_s": seconds,
-                        "data_wait_s": data_wait / (step - window_step),
-                        **step_results,
-                    }
-                    if peak:
-                        values["mfu"] = flops * global_batch / seconds / (peak * jax.device_count())
-                    if writer:
-                        writer.write(step, values)
-                    tb_writer.write_scalars(step, values)
-                    terms = "  ".join(f"{n} {values[f'loss/{n}']:.4f}" for n in term_names)
-                    # A (re)start's first step includes one-off start-up (the first
-                    # execution, the shuffle buffer): no ETA from it alone.
-                    eta = (
-                        f"ETA {(total_steps - step) * seconds / 60:.1f} min"
-                        if step > first_step + 1
-                        else "first step, start-up included"
-                    )
-                    print(
-                        f"{prefix}step {step}/{total_steps}  loss {values['loss']:.6f}  {terms}  "
-                        f"{values['videos_per_s'] * videos_per_example:.1f} videos/s  {eta}",
-                        flush=True,
-                    )
-                    data_wait, window_start, window_step = 0.0, time.perf_counter(), step
+                    log.progress(step, last, step_results)
                 # Read once, after everything above that waits (the fetch, the evaluators):
                 # a signal that came during any of it stops at this step, which is saved.
                 stop = guard.requested
@@ -402,9 +453,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
                     break
     finally:
         ckpt.close()
-        if writer:
-            writer.close()
-        tb_writer.close()
+        log.close()
     logging.info("trained steps %d..%d", first_step, step)
     return {**last, **evaluated}
 
