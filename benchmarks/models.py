@@ -224,10 +224,7 @@ def greedy_uncached(
     cross-attention included, and reads the logits at the current position.
     Same arguments and result as ``decode.greedy``, for a ``CaptionDecoder``.
     """
-    limit = decoder.max_len
-    max_len = limit if max_len is None else max_len
-    if not 1 <= max_len <= limit:
-        raise ValueError(f"decode: max_len={max_len} must be in [1, decoder.max_len={limit}]")
+    max_len = decode.resolve_max_len(decoder, max_len)
     batch = memory.shape[0]
 
     def keep_going(state: tuple) -> jax.Array:

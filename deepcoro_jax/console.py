@@ -128,6 +128,14 @@ def attach(folder: str, name: str = LOG_FILE) -> str:
     return target
 
 
+def start_for_run(workdir: str, *, verbose: bool = False) -> None:
+    """`start`, then `attach` to a trained run's `workdir` if it exists (the tools that read
+    a run log into its log.txt; a mistyped --workdir is reported, not created)."""
+    start(verbose=verbose)
+    if paths.Path(workdir).is_dir():
+        attach(workdir)
+
+
 def log_path() -> str | None:
     """Where the log is (the workdir's once attached), or None without `start`."""
     return _state.copy_to or _state.log_path

@@ -74,7 +74,7 @@ class BeamOutput(NamedTuple):
     scores: jax.Array
 
 
-def _resolve_max_len(decoder: Any, max_len: int | None) -> int:
+def resolve_max_len(decoder: Any, max_len: int | None) -> int:
     """``max_len``, or the decoder's own when None; in [1, decoder.max_len]."""
     limit = decoder.max_len
     max_len = limit if max_len is None else max_len
@@ -149,7 +149,7 @@ def greedy(
         bos_id, eos_id, pad_id: special token ids.
         max_len: most tokens per sequence; defaults to ``decoder.max_len``.
     """
-    max_len = _resolve_max_len(decoder, max_len)
+    max_len = resolve_max_len(decoder, max_len)
     choose = lambda logits, _: jnp.argmax(logits, axis=-1)
     return _decode_loop(
         decoder, params, memory, memory_mask, choose, bos_id, eos_id, pad_id, max_len
@@ -222,7 +222,7 @@ def sample(
         bos_id,
         eos_id,
         pad_id,
-        max_len=_resolve_max_len(decoder, max_len),
+        max_len=resolve_max_len(decoder, max_len),
     )
 
 
@@ -295,7 +295,7 @@ def beam_search(
         eos_id,
         pad_id,
         jnp.float32(length_penalty),
-        max_len=_resolve_max_len(decoder, max_len),
+        max_len=resolve_max_len(decoder, max_len),
         beam_size=beam_size,
     )
 

@@ -524,11 +524,11 @@ def _video_memory(
     return aux["video_tokens"], aux["video_token_mask"]
 
 
-def generate(
+def decode_memory(
     model: MultitaskModel,
     params: Params,
-    video: jax.Array,
-    video_mask: jax.Array | None = None,
+    memory: jax.Array,
+    memory_mask: jax.Array | None = None,
     *,
     bos_id: int,
     eos_id: int,
@@ -538,28 +538,13 @@ def generate(
     rng: jax.Array | None = None,
     **strategy_options: Any,
 ) -> decode.DecodeOutput | decode.BeamOutput:
-    """Writes reports for videos (or studies): encodes once, then decodes on the KV cache.
-
-    Args:
-        model, params: the model and its 'params' collection.
-        video, video_mask: as in ``MultitaskModel.encode_video``.
-        bos_id, eos_id, pad_id, max_len: as in ``decode.greedy``.
-        strategy: 'greedy' (``decode.greedy``), 'sample' (``decode.sample``,
-            needs ``rng``) or 'beam' (``decode.beam_search``).
-        rng: the sampling key; only for 'sample'.
-        strategy_options: keyword options of the chosen decode function
-            (temperature, top_k, top_p for 'sample'; beam_size,
-            length_penalty for 'beam').
-
-    Returns:
-        The decode function's output: tokens [B, max_len] (EOS included, then pad_id).
-    """
+    """Writes reports from the caption decoder's memory (``encode_video``'s tokens
+    [B, L, D] and mask [B, L]), on the KV cache; the arguments as in `generate`."""
     if (rng is not None) != (strategy == "sample"):
         raise ValueError(
             f"generate: rng is needed by strategy='sample' and only by it; got "
             f"strategy={strategy!r} with rng={'set' if rng is not None else None}"
         )
-    memory, memory_mask = _video_memory(model, params, video, video_mask)
     decoder, decoder_params = model.caption_decoder, params["caption_decoder"]
     ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=max_len)
     if strategy == "greedy":
@@ -575,6 +560,32 @@ def generate(
             decoder, decoder_params, memory, memory_mask, **ids, **strategy_options
         )
     raise ValueError(f"generate: strategy={strategy!r}; choose 'greedy', 'sample' or 'beam'")
+
+
+def generate(
+    model: MultitaskModel,
+    params: Params,
+    video: jax.Array,
+    video_mask: jax.Array | None = None,
+    **options: Any,
+) -> decode.DecodeOutput | decode.BeamOutput:
+    """Writes reports for videos (or studies): encodes once, then decodes on the KV cache.
+
+    Args:
+        model, params: the model and its 'params' collection.
+        video, video_mask: as in ``MultitaskModel.encode_video``.
+        options: keyword arguments of `decode_memory`: bos_id, eos_id, pad_id,
+            max_len (as in ``decode.greedy``); strategy, 'greedy'
+            (``decode.greedy``), 'sample' (``decode.sample``, needs ``rng``) or
+            'beam' (``decode.beam_search``); rng, the sampling key, only for
+            'sample'; and the chosen decode function's own options (temperature,
+            top_k, top_p for 'sample'; beam_size, length_penalty for 'beam').
+
+    Returns:
+        The decode function's output: tokens [B, max_len] (EOS included, then pad_id).
+    """
+    memory, memory_mask = _video_memory(model, params, video, video_mask)
+    return decode_memory(model, params, memory, memory_mask, **options)
 
 
 # --------------------------------------------------------------------------- FLOPs

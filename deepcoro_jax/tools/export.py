@@ -104,9 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
     args.data = paths.resolve(args.data) if args.data else None
     if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
-        console.start(verbose=args.verbose)
-        if paths.Path(args.workdir).is_dir():  # a mistyped --workdir is not created
-            console.attach(args.workdir)
+        console.start_for_run(args.workdir, verbose=args.verbose)
     else:
         logging.basicConfig(level=logging.WARNING)
     if not args.out.endswith(".npz"):

@@ -265,9 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, name, paths.resolve(getattr(args, name)) if getattr(args, name) else None)
     args.files = [paths.resolve(f) for f in args.files]
     if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
-        console.start(verbose=args.verbose)
-        if paths.Path(args.workdir).is_dir():  # a mistyped --workdir is not created
-            console.attach(args.workdir)
+        console.start_for_run(args.workdir, verbose=args.verbose)
     else:
         logging.basicConfig(level=logging.WARNING)
     try:

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -59,6 +58,7 @@ class Run:
     data_dir: str  # where the prepared dataset the run trained on was (it may have moved)
     dataset_meta: dict  # that dataset's format (`dataset_format.DatasetMeta.to_json`)
     mesh: Mesh
+    predict: dict[str, Callable]  # `run.predict_fns` of the model on `mesh`
 
     @property
     def video_pp(self) -> str:
@@ -182,6 +182,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         data_dir=data_dir,
         dataset_meta=dataset_meta,
         mesh=mesh,
+        predict=run_lib.predict_fns(model, mesh),
     )
 
 
@@ -232,28 +233,12 @@ def _check_clips(videos: np.ndarray, where: str) -> np.ndarray:
 # ------------------------------------------------------------------------------ helpers
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _video_embeddings(model: multitask.MultitaskModel, params, video: jax.Array) -> jax.Array:
-    emb, _ = model.apply({"params": params}, video, method=multitask.MultitaskModel.encode_video)
-    return emb  # [B, E]
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _text_embeddings(
-    model: multitask.MultitaskModel, params, text_ids: jax.Array, text_mask: jax.Array
-) -> jax.Array:
-    emb, _ = model.apply(
-        {"params": params}, text_ids, text_mask, method=multitask.MultitaskModel.encode_text
-    )
-    return emb  # [B, E]
-
-
 def embed_videos(run: Run, videos: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """L2-normalised video embeddings float32 [N, E] of clips [N, T, H, W, C]."""
     videos = _check_clips(videos, "embed_videos")
     out = []
     for (video,), real in _device_batches(run, [videos], batch_size):
-        emb = _video_embeddings(run.model, run.params, video)
+        emb = run.predict["encode_video"](run.params, {"video": video})["video_emb"]
         out.append(np.asarray(jax.device_get(emb))[:real])
     return np.concatenate(out)
 
@@ -280,7 +265,8 @@ def embed_texts(run: Run, texts: Sequence[str], batch_size: int = 64) -> np.ndar
     ids, mask = tokenize_texts(run, texts)
     out = []
     for (batch_ids, batch_mask), real in _device_batches(run, [ids, mask], batch_size):
-        emb = _text_embeddings(run.model, run.params, batch_ids, batch_mask)
+        batch = {"text_ids": batch_ids, "text_mask": batch_mask}
+        emb = run.predict["encode_text"](run.params, batch)["text_emb"]
         out.append(np.asarray(jax.device_get(emb))[:real])
     return np.concatenate(out)
 
@@ -297,15 +283,19 @@ def generate_reports(
         raise ValueError(f"generate_reports: beam_size must be at least 1, got {beam_size}")
     videos = _check_clips(videos, "generate_reports")
     tok = run.caption_tokenizer
-    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    if beam_size == 1:
-        strategy: dict[str, Any] = {"strategy": "greedy"}
-    else:
-        strategy = {"strategy": "beam", "beam_size": beam_size}
+    options = dict(
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        max_len=run.model.caption_decoder.max_len,
+        strategy="greedy" if beam_size == 1 else "beam",
+        beam_size=beam_size,
+    )
     tokens = []
     for (video,), real in _device_batches(run, [videos], batch_size):
-        out = multitask.generate(run.model, run.params, video, **ids, **strategy)
-        tokens.append(np.asarray(jax.device_get(out.tokens))[:real])
+        memory = run.predict["encode_video"](run.params, {"video": video})
+        out = run.predict["generate"](run.params, memory, **options)["tokens"]
+        tokens.append(np.asarray(jax.device_get(out))[:real])
     all_tokens = np.concatenate(tokens).astype(np.int32)
     return GeneratedReports([tok.decode(row.tolist()) for row in all_tokens], all_tokens)
 

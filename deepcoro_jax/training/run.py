@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepcoro_jax import losses
-from deepcoro_jax.models import decode, multitask
+from deepcoro_jax.models import multitask
 from deepcoro_jax.models import mvm as mvm_lib
 from deepcoro_jax.training import checkpoint, optim, sharding
 from evaluators import common as eval_common
@@ -550,9 +550,6 @@ def peak_flops(device: jax.Device) -> float | None:
 
 # ---------------------------------------------------------------------------- evaluation
 
-DECODE_STRATEGIES = ("greedy", "beam")
-
-
 def predict_fns(model: multitask.MultitaskModel, mesh: Mesh) -> dict[str, Callable]:
     """The predict functions a run hands its evaluators, by name (docs/metrics.md).
 
@@ -613,18 +610,19 @@ def predict_fns(model: multitask.MultitaskModel, mesh: Mesh) -> dict[str, Callab
         beam_size: int = 4,
         length_penalty: float = 0.6,
     ):
-        decoder, decoder_params = model.caption_decoder, params["caption_decoder"]
-        memory, memory_mask = batch["video_tokens"], batch["video_token_mask"]
-        ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=max_len)
-        if strategy == "greedy":
-            out = decode.greedy(decoder, decoder_params, memory, memory_mask, **ids)
-        elif strategy == "beam":
-            out = decode.beam_search(
-                decoder, decoder_params, memory, memory_mask, **ids,
-                beam_size=beam_size, length_penalty=length_penalty,
-            )
-        else:
-            raise ValueError(f"generate: strategy={strategy!r}; choose one of {DECODE_STRATEGIES}")
+        beam = dict(beam_size=beam_size, length_penalty=length_penalty)
+        out = multitask.decode_memory(
+            model,
+            params,
+            batch["video_tokens"],
+            batch["video_token_mask"],
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            max_len=max_len,
+            strategy=strategy,
+            **(beam if strategy == "beam" else {}),
+        )
         return {"tokens": out.tokens}
 
     def reconstruct(params, batch):
