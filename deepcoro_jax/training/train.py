@@ -1,16 +1,15 @@
 """The trainer: one readable loop from config to checkpoints, on 1 CPU or a pod.
 
-`main(config, workdir)` reads top to bottom in sections: paths; mesh; input;
-durations; model and optimizer; the train state's shapes and shardings; the
-jitted train step; the checkpoint to resume from, checked against the state;
-the evaluators; the step compiled and checked to fit in memory; the state,
-restored or initialised (or from another run); only then the workdir (config,
-assets, log); the loop. What those sections build from the config (the model, the
-optimizer, the state, the update step, durations) comes from ``run.py``, which
-the tools and the benchmarks share; here are only the loop and its logging
-(`RunLog`: metrics.jsonl by `JsonlWriter`, TensorBoard, the progress line;
-`fetch_metrics`, `run_evaluators`). Nothing but launch.py imports
-this module.
+`main(config, workdir)` is a sequence of named steps: `check_config`;
+`set_up_input` (the prepared data, tokenizers, the training stream, the run's
+length); `build_parts` (model, optimizer, the sharded state's shapes, the jitted
+update step); the checkpoint to resume from, checked against them;
+`build_evaluators`; `compile_train_step` (checked to fit in memory);
+`init_or_restore`; only then `write_workdir` (log, config, the run's assets);
+and `train_loop`, which logs through one `RunLog` (metrics.jsonl, TensorBoard,
+the progress line). What these steps build from the config comes from
+``run.py``, which the tools and the benchmarks share. Nothing but launch.py
+imports this module.
 
 Not here: the update step and what a run is built from (``run.py``), the losses
 (``deepcoro_jax/losses.py``), optimizer components and schedules (``optim.py``),
@@ -18,18 +17,20 @@ checkpoint mechanics (``checkpoint.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
 from deepcoro_jax import console, paths
 from deepcoro_jax.models import multitask
@@ -174,10 +175,63 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     or a mismatched checkpoint leaves the workdir as it was. A SIGTERM or SIGINT
     stops the loop at the step during which it came, which is saved first.
     """
-    from deepcoro_jax.domain import tokenizers
-    from evaluators import common as eval_common
-    from input_pipeline import data_cache, dataset_format, pipeline
+    check_config(config, mode)
+    # Resolved once here: nothing below (nor orbax's threads) sees a relative path.
+    workdir = paths.resolve(workdir)
+    config = paths.resolve_config(config)
+    logging.info(
+        "devices: %d (%d local) on %d processes",
+        jax.device_count(),
+        jax.local_device_count(),
+        jax.process_count(),
+    )
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    resume_step = checkpoint.latest_step(checkpoint_dir)
+    if mode == "eval" and resume_step is None:
+        raise FileNotFoundError(f"mode='eval': no checkpoint in {checkpoint_dir}")
 
+    inputs = set_up_input(config, workdir, resuming=resume_step is not None)
+    parts = build_parts(config, inputs, mesh)
+    if resume_step is not None:  # checked before anything is written
+        checkpoint.check_matches(checkpoint_dir, resume_step, parts.abstract_state)
+    evaluators = build_evaluators(config, inputs, parts, mesh, workdir, mode)
+    compiled_step = compile_train_step(parts, inputs, mesh) if mode == "train" else None
+    ckpt = open_checkpointer(config, checkpoint_dir) if resume_step is not None else None
+    state = init_or_restore(config, inputs, parts, ckpt, resume_step, mode)
+    # Everything above checked the config, the data and the checkpoint: now write.
+    write_workdir(config, inputs, workdir, mode)
+    ckpt = ckpt or open_checkpointer(config, checkpoint_dir)  # makes its folder
+
+    step = int(jax.device_get(state.step))
+    log = RunLog(
+        workdir,
+        step,
+        inputs.total_steps,
+        global_batch=inputs.global_batch,
+        videos_per_example=inputs.videos_per_example,
+        flops_per_example=multitask.training_flops_per_example(
+            parts.model,
+            inputs.example_batch["video"].shape[1:],
+            config.input.text_max_len,
+            config.input.caption_max_len,
+            mvm=run.uses_mvm(config),
+        )["training"],
+        term_names=run.loss_term_names(config),
+    )
+    try:
+        if mode == "eval":
+            results = run_evaluators(evaluators, state.params, step)
+            log.write(step, results)
+            return results
+        return train_loop(config, state, compiled_step, inputs, mesh, evaluators, ckpt, log)
+    finally:
+        ckpt.close()
+        log.close()
+
+
+def check_config(config: ml_collections.ConfigDict, mode: str) -> None:
+    """The checks that need nothing but the config and the mode."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     if mode == "eval" and not config.evals:
@@ -185,47 +239,51 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     for name in ("log_training_steps", "ckpt_steps", "keep_ckpts", "grad_accum_steps"):
         if config[name] < 1:
             raise ValueError(f"config.{name}={config[name]} must be at least 1")
+    devices, accum_steps = jax.device_count(), config.grad_accum_steps
+    if config.input.batch_size % (devices * accum_steps):
+        raise ValueError(
+            f"config.input.batch_size={config.input.batch_size} must divide by the device "
+            f"count ({devices}) x grad_accum_steps ({accum_steps})"
+        )
 
-    # ------------------------------------------------------------------ paths
-    # Resolved once here: nothing below (nor orbax's threads) sees a relative path.
-    workdir = paths.resolve(workdir)
-    config = paths.resolve_config(config)
-    is_main = jax.process_index() == 0
-    logging.info(
-        "devices: %d (%d local) on %d processes",
-        jax.device_count(),
-        jax.local_device_count(),
-        jax.process_count(),
-    )
 
-    # ------------------------------------------------------------------- mesh
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """The training input and what is derived from it: tokenizers, shapes, durations."""
 
-    # ------------------------------------------------------------------ input
+    data_dir: str
+    caption_spec: str  # the tokenizers' specs (tokenizers.get_tokenizer)
+    text_spec: str
+    kept_assets: bool  # the tokenizers are the workdir's copies (a resumed run)
+    train_iter: Any  # pipeline.InputIterator: checkpointed with the state
+    example_batch: dict[str, jax.ShapeDtypeStruct]  # one example (batch dimension 1)
+    global_batch: int
+    videos_per_example: int  # 1, or a study's video slots
+    total_steps: int
+    warmup_steps: int
+
+
+def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> Input:
+    """The prepared data (made first for the synthetic recipe), the tokenizers and the
+    sharded-per-process training stream, and the run's length in steps."""
+    from input_pipeline import data_cache, dataset_format, pipeline
+
     data_dir = data_cache.resolve_data_dir(config.input, process_index=jax.process_index())
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    resume_step = checkpoint.latest_step(checkpoint_dir)
     # A run that has checkpoints keeps the tokenizers they were trained with (the workdir's
     # copies), whatever the data folder holds now; a new run takes the data's.
-    kept = run.read_assets(workdir) if resume_step is not None else None
+    kept = run.read_assets(workdir) if resuming else None
     if kept:
         caption_spec, text_spec = kept["caption_tokenizer"], kept["text_tokenizer"]
     else:
         caption_spec = run.tokenizer_spec(config.input.caption_tokenizer, data_dir)
         text_spec = run.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
-    caption_tok = tokenizers.get_tokenizer(caption_spec)
     global_batch = config.input.batch_size
-    accum_steps = config.grad_accum_steps
-    if global_batch % (jax.device_count() * accum_steps):
-        raise ValueError(
-            f"config.input.batch_size={global_batch} must divide by the device count "
-            f"({jax.device_count()}) x grad_accum_steps ({accum_steps})"
-        )
     pp = (
         f"{config.input.video_pp}|tokenize({config.input.text_max_len}, tokenizer='{text_spec}')"
         f"|tokenize_caption({config.input.caption_max_len}, tokenizer='{caption_spec}')"
         "|keep('video', 'text_ids', 'text_mask', 'caption_in', 'caption_out', 'caption_mask')"
     )
+    studies = config.input.study_videos is not None
     train_ds = pipeline.make_train_dataset(
         data_dir,
         config.input.split,
@@ -237,26 +295,25 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
         shuffle_buffer=config.input.shuffle_buffer,
         study_videos=config.input.study_videos,
     )
-    if config.input.study_videos is not None:
+    if studies:
         # The report's fields repeat in every video slot of a study: keep one.
         train_ds = train_ds.map(
             lambda b: {
                 k: v if k in ("video", pipeline.VIDEO_MASK_KEY) else v[:, 0] for k, v in b.items()
             }
         )
-    train_iter = pipeline.InputIterator(train_ds)
-    # One example's shapes (per-process batch dimension replaced by 1).
     example_batch = {
         k: jax.ShapeDtypeStruct((1, *s.shape[1:]), s.dtype.as_numpy_dtype)
         for k, s in train_ds.element_spec.items()
     }
     pipeline.check_video_shape(example_batch["video"].shape, config)
 
-    # -------------------------------------------------------------- durations
-    if config.input.study_videos is None:
-        steps_per_epoch = dataset_format.num_examples(data_dir, config.input.split) / global_batch
-    else:
-        steps_per_epoch = None  # the split counts videos; an epoch of studies is not known
+    # An epoch of studies is not known: the split counts videos.
+    steps_per_epoch = (
+        None
+        if studies
+        else dataset_format.num_examples(data_dir, config.input.split) / global_batch
+    )
     durations = dict(steps_per_epoch=steps_per_epoch, global_batch=global_batch)
     total_steps = run.resolve_steps("total", config, **durations)
     if not total_steps:
@@ -264,196 +321,227 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     warmup_steps = run.resolve_steps(
         "warmup", config.optim.schedule, **durations, total_steps=total_steps
     )
+    return Input(
+        data_dir=data_dir,
+        caption_spec=caption_spec,
+        text_spec=text_spec,
+        kept_assets=bool(kept),
+        train_iter=pipeline.InputIterator(train_ds),
+        example_batch=example_batch,
+        global_batch=global_batch,
+        videos_per_example=example_batch["video"].shape[1] if studies else 1,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps or 0,
+    )
 
-    # ---------------------------------------------------- model and optimizer
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """The model, and the train state's initialiser, sharded shapes and update step."""
+
+    model: multitask.MultitaskModel
+    init_fn: Callable[[jax.Array], run.TrainState]
+    shardings: Any  # the state's NamedShardings
+    abstract_state: Any  # its shapes, with their shardings
+    train_step: Callable  # jitted, the state donated
+
+
+def build_parts(config: ml_collections.ConfigDict, inputs: Input, mesh: Mesh) -> Parts:
+    from deepcoro_jax.domain import tokenizers
+
+    caption_tok = tokenizers.get_tokenizer(inputs.caption_spec)
     model = run.build_model(config, caption_tok.vocab_size, caption_tok.pad_id)
     params_shape = jax.eval_shape(
         lambda r: model.init(
             {"params": r, "dropout": r, "mask": r, "parallel": r},
-            {k: jnp.zeros(s.shape, s.dtype) for k, s in example_batch.items()},
+            {k: jnp.zeros(s.shape, s.dtype) for k, s in inputs.example_batch.items()},
             train=False,
             mvm=True,
         )["params"],
         jax.random.key(0),
     )
-    tx, schedules = run.make_optimizer(config, params_shape, total_steps, warmup_steps or 0)
-
-    # ---------------------------------------------- train state, born sharded
+    tx, schedules = run.make_optimizer(
+        config, params_shape, inputs.total_steps, inputs.warmup_steps
+    )
     init_fn = run.create_train_state(
-        model, tx, example_batch, with_teacher=run.uses_teacher(config)
+        model, tx, inputs.example_batch, with_teacher=run.uses_teacher(config)
     )
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     shardings = run.state_shardings(abstract_state, config, mesh)
-
-    # ------------------------------------------------------------ update step
     train_step = jax.jit(
         run.make_train_step(model, tx, config, mesh, schedules),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
-    abstract_sharded = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings
+    return Parts(
+        model=model,
+        init_fn=init_fn,
+        shardings=shardings,
+        abstract_state=jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            abstract_state,
+            shardings,
+        ),
+        train_step=train_step,
     )
 
-    # --------------------------------------- restore (checked before anything is written)
+
+def build_evaluators(config, inputs: Input, parts: Parts, mesh: Mesh, workdir: str, mode: str):
+    """The evaluators of config.evals, handed predict functions and the spec of their
+    input, not the model or the config; built before compiling, so that a bad entry
+    stops the run at once."""
+    from evaluators import common as eval_common
+
+    eval_spec = run.eval_spec(
+        config,
+        parts.model,
+        mesh,
+        data_dir=inputs.data_dir,
+        workdir=workdir,
+        text_tokenizer_spec=inputs.text_spec,
+        caption_tokenizer_spec=inputs.caption_spec,
+    )
+    evaluators = eval_common.build_evaluators(
+        config.evals, run.predict_fns(parts.model, mesh), eval_spec
+    )
+    if mode == "eval" and not evaluators:
+        raise ValueError(
+            f"mode='eval': every evaluator of config.evals left out for {inputs.data_dir}"
+        )
+    return evaluators
+
+
+def compile_train_step(parts: Parts, inputs: Input, mesh: Mesh):
+    """The train step compiled ahead of time for the global batch, and checked to fit in
+    the devices' memory (memory.StepTooLarge otherwise)."""
+    is_main = jax.process_index() == 0
+    if is_main:
+        print("compiling the train step...", flush=True)
+    start = time.perf_counter()
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(
+            (inputs.global_batch, *s.shape[1:]), s.dtype, sharding=batch_sharding
+        )
+        for k, s in inputs.example_batch.items()
+    }
+    compiled = parts.train_step.lower(parts.abstract_state, abstract_batch).compile()
+    step_memory = memory.check_fits(compiled, jax.local_devices(), what="the train step")
+    if is_main:
+        print(
+            f"compiled in {time.perf_counter() - start:.1f} s; {memory.describe(step_memory)}",
+            flush=True,
+        )
+    return compiled
+
+
+def open_checkpointer(config: ml_collections.ConfigDict, checkpoint_dir: str):
+    """The run's checkpointer: config.keep_ckpts latest, and config.keep_best by
+    config.best_metric ('name' or 'name:min')."""
     best_name, _, best_mode = config.best_metric.partition(":")
-    checkpoint_options = dict(
+    return checkpoint.Checkpointer(
+        checkpoint_dir,
         keep=config.keep_ckpts,
         keep_best=config.keep_best,
         best_metric=best_name or None,
         best_mode=best_mode or "max",
     )
-    if mode == "eval" and resume_step is None:
-        raise FileNotFoundError(f"mode='eval': no checkpoint in {checkpoint_dir}")
+
+
+def init_or_restore(config, inputs: Input, parts: Parts, ckpt, resume_step, mode):
+    """The train state, restored by `ckpt` from `resume_step` (with the input's position,
+    when training), or else initialised (with weights from config.init when set)."""
     if resume_step is not None:
-        checkpoint.check_matches(checkpoint_dir, resume_step, abstract_sharded)
-
-    # ------------------------------------------------------------- evaluators
-    # They get predict functions and the spec of their input, not the model or the config;
-    # built before compiling, so that a bad config.evals entry stops the run at once.
-    eval_spec = run.eval_spec(
-        config,
-        model,
-        mesh,
-        data_dir=data_dir,
-        workdir=workdir,
-        text_tokenizer_spec=text_spec,
-        caption_tokenizer_spec=caption_spec,
-    )
-    evaluators = eval_common.build_evaluators(
-        config.evals, run.predict_fns(model, mesh), eval_spec
-    )
-    if mode == "eval" and not evaluators:
-        raise ValueError(f"mode='eval': every evaluator of config.evals left out for {data_dir}")
-
-    # ----------------------------------------- compile, and check that the step fits
-    compiled_step = None
-    if mode == "train":
-        if is_main:
-            print("compiling the train step...", flush=True)
-        compile_start = time.perf_counter()
-        abstract_batch = {
-            k: jax.ShapeDtypeStruct(
-                (global_batch, *s.shape[1:]), s.dtype, sharding=sharding.batch_sharding(mesh)
-            )
-            for k, s in example_batch.items()
-        }
-        compiled_step = train_step.lower(abstract_sharded, abstract_batch).compile()
-        step_memory = memory.check_fits(compiled_step, jax.local_devices(), what="the train step")
-        if is_main:
-            print(
-                f"compiled in {time.perf_counter() - compile_start:.1f} s; "
-                f"{memory.describe(step_memory)}",
-                flush=True,
-            )
-
-    # ----------------------------------------------------------- state
-    ckpt = None
-    if resume_step is not None:
-        ckpt = checkpoint.Checkpointer(checkpoint_dir, **checkpoint_options)
-        data_iterator = train_iter if mode == "train" else None
-        state = ckpt.restore(abstract_sharded, step=resume_step, data_iterator=data_iterator)
+        data_iterator = inputs.train_iter if mode == "train" else None
+        state = ckpt.restore(parts.abstract_state, step=resume_step, data_iterator=data_iterator)
         logging.info("restored step %d", resume_step)
-    else:
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-        state = run.initial_weights(state, config, shardings)
+        return state
+    state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.PRNGKey(config.seed))
+    return run.initial_weights(state, config, parts.shardings)
 
-    # ------------------------------------------------------------------ the workdir
-    # Everything above checked the config, the data and the checkpoint: now write.
+
+def write_workdir(config: ml_collections.ConfigDict, inputs: Input, workdir: str, mode: str):
+    """The log file, and (training) the resolved config and, for a new run, its assets:
+    the tokenizers and the prepared data's format, so that later uses need only the
+    workdir."""
+    from input_pipeline import dataset_format
+
+    is_main = jax.process_index() == 0
     console.attach(workdir, console.LOG_FILE if is_main else f"log.{jax.process_index()}.txt")
-    if is_main:
-        paths.Path(workdir).mkdir(parents=True, exist_ok=True)
-        if mode == "train":  # eval mode leaves the config the checkpoints were trained with
-            (paths.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-        if mode == "train" and not kept:
-            run.write_assets(
-                workdir,
-                caption_spec=caption_spec,
-                text_spec=text_spec,
-                data_dir=data_dir,
-                dataset_meta=dataset_format.load_meta(data_dir).to_json(),
-            )
-    if ckpt is None:
-        ckpt = checkpoint.Checkpointer(checkpoint_dir, **checkpoint_options)
+    if not is_main:
+        return
+    paths.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if mode != "train":  # eval mode leaves the config the checkpoints were trained with
+        return
+    (paths.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    if not inputs.kept_assets:
+        run.write_assets(
+            workdir,
+            caption_spec=inputs.caption_spec,
+            text_spec=inputs.text_spec,
+            data_dir=inputs.data_dir,
+            dataset_meta=dataset_format.load_meta(inputs.data_dir).to_json(),
+        )
 
-    # ------------------------------------------------------------------- loop
+
+def train_loop(
+    config, state, compiled_step, inputs: Input, mesh: Mesh, evaluators, ckpt, log: RunLog
+) -> dict:
+    """Steps from the state's step to inputs.total_steps: logs every
+    config.log_training_steps, runs the evaluators that are due, saves every
+    config.ckpt_steps (and the last step, and the step a stop was requested at).
+    Returns the last step's metrics with the latest results of every evaluator."""
+    from input_pipeline import pipeline
+
     step = first_step = int(jax.device_get(state.step))
-    log = RunLog(
-        workdir,
-        first_step,
-        total_steps,
-        global_batch=global_batch,
-        videos_per_example=(
-            example_batch["video"].shape[1] if config.input.study_videos else 1
-        ),
-        flops_per_example=multitask.training_flops_per_example(
-            model,
-            example_batch["video"].shape[1:],
-            config.input.text_max_len,
-            config.input.caption_max_len,
-            mvm=run.uses_mvm(config),
-        )["training"],
-        term_names=run.loss_term_names(config),
-    )
+    total_steps, train_iter = inputs.total_steps, inputs.train_iter
     last: dict[str, float] = {}
     evaluated: dict[str, float] = {}  # the latest results of every evaluator
     pending: tuple[int, Any] | None = None  # a step's metrics, checked while the next one runs
 
-    def evaluate(due: list[eval_common.Evaluator]) -> dict[str, float]:
-        results = run_evaluators(due, state.params, step)
+    if first_step == 0 and any(e.at_start for e in evaluators):
+        results = run_evaluators([e for e in evaluators if e.at_start], state.params, step)
         evaluated.update(results)
-        return results
-
-    if mode == "eval" or (first_step == 0 and any(e.at_start for e in evaluators)):
-        due = evaluators if mode == "eval" else [e for e in evaluators if e.at_start]
-        results = evaluate(due)
         log.write(step, results)
-        if mode == "eval":
-            ckpt.close()
-            log.close()
-            return results
-
     log.restart_clock(step)  # the first ETA counts neither compilation nor evaluations
-    try:
-        with checkpoint.PreemptionGuard() as guard, jax.transfer_guard("disallow"):
-            while step < total_steps:
-                wait_start = time.perf_counter()
-                local_batch = next(train_iter)
-                log.waited_for_data(time.perf_counter() - wait_start)
-                with jax.transfer_guard_host_to_device("allow"):  # the one deliberate copy
-                    batch = pipeline.global_batch(local_batch, mesh, sharding.DATA_AXES)
-                state, metrics = compiled_step(state, batch)
-                step += 1
-                if pending is not None:
-                    last = fetch_metrics(*pending)
-                    pending = None
-                save_due = step % config.ckpt_steps == 0 or step == total_steps
-                due = [e for e in evaluators if e.due(step, total_steps)]
-                log_now = step % config.log_training_steps == 0 or step in (1, total_steps) or due
-                if not (save_due or log_now or guard.requested):
-                    pending = (step, metrics)
-                    continue
-                last = fetch_metrics(step, metrics)
-                step_results = evaluate(due) if due else {}
-                if log_now:
-                    log.progress(step, last, step_results)
-                # Read once, after everything above that waits (the fetch, the evaluators):
-                # a signal that came during any of it stops at this step, which is saved.
-                stop = guard.requested
-                if save_due or stop:
-                    ckpt.save(step, state, data_iterator=train_iter, metrics={**last, **evaluated})
-                if stop:
-                    ckpt.wait()
-                    if step not in ckpt.all_steps():
-                        raise RuntimeError(f"stop requested: the checkpoint of step {step} failed")
-                    logging.warning(
-                        "stop requested: saved step %d in %s, exiting", step, checkpoint_dir
-                    )
-                    break
-    finally:
-        ckpt.close()
-        log.close()
+
+    with checkpoint.PreemptionGuard() as guard, jax.transfer_guard("disallow"):
+        while step < total_steps:
+            wait_start = time.perf_counter()
+            local_batch = next(train_iter)
+            log.waited_for_data(time.perf_counter() - wait_start)
+            with jax.transfer_guard_host_to_device("allow"):  # the one deliberate copy
+                batch = pipeline.global_batch(local_batch, mesh, sharding.DATA_AXES)
+            state, metrics = compiled_step(state, batch)
+            step += 1
+            if pending is not None:
+                last = fetch_metrics(*pending)
+                pending = None
+            save_due = step % config.ckpt_steps == 0 or step == total_steps
+            due = [e for e in evaluators if e.due(step, total_steps)]
+            log_now = step % config.log_training_steps == 0 or step in (1, total_steps) or due
+            if not (save_due or log_now or guard.requested):
+                pending = (step, metrics)
+                continue
+            last = fetch_metrics(step, metrics)
+            step_results = run_evaluators(due, state.params, step) if due else {}
+            evaluated.update(step_results)
+            if log_now:
+                log.progress(step, last, step_results)
+            # Read once, after everything above that waits (the fetch, the evaluators):
+            # a signal that came during any of it stops at this step, which is saved.
+            stop = guard.requested
+            if save_due or stop:
+                ckpt.save(step, state, data_iterator=train_iter, metrics={**last, **evaluated})
+            if stop:
+                ckpt.wait()
+                if step not in ckpt.all_steps():
+                    raise RuntimeError(f"stop requested: the checkpoint of step {step} failed")
+                logging.warning(
+                    "stop requested: saved step %d in %s, exiting", step, ckpt.directory
+                )
+                break
     logging.info("trained steps %d..%d", first_step, step)
     return {**last, **evaluated}
 
