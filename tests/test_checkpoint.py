@@ -443,11 +443,17 @@ def test_guard_flags_restores_handlers_and_second_signal_interrupts():
         assert guard.requested  # still alive: the signal only set the flag
     assert signal.getsignal(signal.SIGTERM) is before
 
-    with pytest.raises(KeyboardInterrupt), checkpoint.PreemptionGuard() as guard:
-        signal.raise_signal(signal.SIGINT)
-        assert guard.requested
-        signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own SIGINT handler, as in a terminal (a shell's background job starts with
+    # SIGINT ignored, and the guard then leaves a second one ignored too).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), checkpoint.PreemptionGuard() as guard:
+            signal.raise_signal(signal.SIGINT)
+            assert guard.requested
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_load_subset(tmp_path, mesh_2x4, mesh_8x1):
