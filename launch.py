@@ -52,7 +52,10 @@ _VERBOSE = flags.DEFINE_bool(
 )
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "Persistent XLA compilation cache.")
 _CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir", "~/.cache/deepcoro_jax/xla", "Where the compilation cache lives."
+    "compilation_cache_dir",
+    None,
+    f"Where the compilation cache lives (default: $JAX_COMPILATION_CACHE_DIR, else "
+    f"{paths.COMPILATION_CACHE}).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -113,8 +116,7 @@ def main(argv: list[str]) -> None:
     try:
         initialize_distributed()
         if _CACHE.value:
-            jax.config.update("jax_compilation_cache_dir", paths.resolve(_CACHE_DIR.value))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+            paths.use_compilation_cache(_CACHE_DIR.value)
         from deepcoro_jax.training import train
 
         train.main(_CONFIG.value, paths.resolve(_WORKDIR.value), _MODE.value)

@@ -69,3 +69,27 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             resolve_tokenizer_spec(value) if dotted in TOKENIZER_FIELDS else resolve(value)
         )
     return config
+
+
+# --------------------------------------------------------------- compiled programs
+
+# Where launch.py and the tools keep compiled XLA programs, unless told otherwise.
+COMPILATION_CACHE = "~/.cache/deepcoro_jax/xla"
+CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def use_compilation_cache(directory: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache in `directory`; None: the folder
+    that $JAX_COMPILATION_CACHE_DIR names, else COMPILATION_CACHE. A restarted run, a
+    second `infer` or `export`, load their programs instead of compiling them again.
+    Returns the folder (resolved)."""
+    import jax
+
+    if directory is None:
+        directory = os.environ.get(CACHE_DIR_ENV) or COMPILATION_CACHE
+    directory = resolve(directory)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        # Programs that compile in under a second are not worth a file.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return directory

@@ -100,11 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="clips per batch")
     parser.add_argument("--verbose", action="store_true", help="library log lines too")
+    parser.add_argument(
+        "--compilation_cache_dir",
+        help="compiled programs (default: $JAX_COMPILATION_CACHE_DIR, else "
+        f"{paths.COMPILATION_CACHE})",
+    )
     args = parser.parse_args(argv)
     args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
     args.data = paths.resolve(args.data) if args.data else None
     if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
         console.start_for_run(args.workdir, verbose=args.verbose)
+        paths.use_compilation_cache(args.compilation_cache_dir)  # as launch.py's
     else:
         logging.basicConfig(level=logging.WARNING)
     if not args.out.endswith(".npz"):

@@ -260,12 +260,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy)")
     parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, AVI, MP4 or .npy")
     parser.add_argument("--verbose", action="store_true", help="library log lines too")
+    parser.add_argument(
+        "--compilation_cache_dir",
+        help="compiled programs (default: $JAX_COMPILATION_CACHE_DIR, else "
+        f"{paths.COMPILATION_CACHE})",
+    )
     args = parser.parse_args(argv)
     for name in ("workdir", "bank", "attention"):
         setattr(args, name, paths.resolve(getattr(args, name)) if getattr(args, name) else None)
     args.files = [paths.resolve(f) for f in args.files]
     if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
         console.start_for_run(args.workdir, verbose=args.verbose)
+        paths.use_compilation_cache(args.compilation_cache_dir)  # as launch.py's
     else:
         logging.basicConfig(level=logging.WARNING)
     try:
