@@ -22,7 +22,6 @@ Not here: anything about training itself (``deepcoro_jax/training/train.py``).
 """
 
 import os
-import re
 import sys
 
 import jax
@@ -58,23 +57,6 @@ _CACHE_DIR = flags.DEFINE_string(
     f"{paths.COMPILATION_CACHE}).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every bad flag or config override reported in one line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for the flags.")
-    except AttributeError as e:  # ml_collections: an override of a field the config lacks
-        field = re.sub(r"^[\"']+|[\"']+$", "", str(e))
-        overrides = [a.partition("=")[0] for a in argv if a.startswith("--config.")]
-        if not any(field in o.split(".") for o in overrides):
-            raise  # not about an override: an error in the config file itself
-        sys.exit(
-            f"FATAL Flags parsing error: the config has no field {field!r} "
-            f"(overrides given: {overrides})"
-        )
 
 
 def _launched_as_one_of_several() -> bool:
@@ -125,4 +107,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=console.parse_flags)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -198,3 +199,23 @@ def _finish() -> None:
     if _state.copy_to and _state.log_path and os.path.exists(_state.log_path):
         with open(_state.log_path) as f:
             paths.Path(_state.copy_to).write_text(f.read())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.run(main, flags_parser=console.parse_flags)``), with a bad
+    flag or a config override of a field the config lacks reported in one line."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for the flags.")
+    except AttributeError as e:  # ml_collections: an override of a field the config lacks
+        field = re.sub(r"^[\"']+|[\"']+$", "", str(e))
+        overrides = [a.partition("=")[0] for a in argv if a.startswith("--config.")]
+        if not any(field in o.split(".") for o in overrides):
+            raise  # not about an override: an error in the config file itself
+        sys.exit(
+            f"FATAL Flags parsing error: the config has no field {field!r} "
+            f"(overrides given: {overrides})"
+        )

@@ -111,4 +111,4 @@ def _contact_sheet(config, out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=console.parse_flags))
