@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m deepcoro_jax.tools.plot $(DEMO_DIR)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,14 +1,15 @@
 """Shared by the evaluator tests: a micro config, a tiny prepared synthetic set, contexts.
 
 ``micro_config()`` is the runlocal recipe shrunk to 4 x 32 x 32 clips and one-layer
-towers; ``prepared_synthetic(root)`` generates and prepares 8 synthetic studies
-(train 6, val 1, test 1) once per folder, ``without_labels`` copies such a set as if
-prepared without ``--label_columns``; ``make_context`` builds, as the trainer does,
-the model, its predict functions and the evaluators' ``EvalSpec`` on a mesh over the
-first `num_devices` devices (an ``EvalContext``: evaluators get ``ctx.predict_fns``
-and ``ctx.spec``, the test keeps the model), and ``init_params`` gives seeded random
-parameters. Tests take the session fixture ``synthetic_data`` from conftest.py
-rather than calling ``prepared_synthetic`` themselves.
+towers, ``micro_run_config`` that of the test run's shared trained run
+(conftest.py); ``prepared_synthetic(root)`` generates and prepares 8 synthetic
+studies (train 6, val 1, test 1) once per folder, ``without_labels`` copies such a
+set as if prepared without ``--label_columns``; ``make_context`` builds, as the
+trainer does, the model, its predict functions and the evaluators' ``EvalSpec`` on
+a mesh over the first `num_devices` devices (an ``EvalContext``: evaluators get
+``ctx.predict_fns`` and ``ctx.spec``, the test keeps the model), and
+``init_params`` gives seeded random parameters. Tests take the session fixtures
+``synthetic_data`` and ``micro_run`` from conftest.py rather than making their own.
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ def micro_config() -> ml_collections.ConfigDict:
     config.model.update(num_frames=4, image_size=32, patch_size=(2, 8, 8), mask_ratio=0.75)
     config.model.encoder_overrides.depth = 1
     config.model.caption_decoder_overrides.num_layers = 1
+    return config
+
+
+def micro_run_config(data_dir: str) -> ml_collections.ConfigDict:
+    """The shared micro run's config (conftest.py): `micro_config` trained 2 steps on
+    `data_dir` (checkpoint at 2), logging every step, MVM off (a smaller train step to
+    compile), retrieval on the train split at step 0 and step 2."""
+    config = micro_config()
+    config.input.data_dir = data_dir
+    config.update(total_steps=2, ckpt_steps=2, log_training_steps=1)
+    config.optim.schedule.warmup_steps = 1
+    config.loss.weights.mvm = 0.0
+    config.evals = {
+        "train_retrieval": dict(
+            type="retrieval", log_steps=2, at_start=True, split="train", batch_size=16
+        )
+    }
     return config
 
 

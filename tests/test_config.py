@@ -19,7 +19,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import testenv
 from absl import flags
+from evaltools import SYNTHETIC
 from ml_collections import config_flags
 
 from configs import multitask as multitask_config
@@ -27,7 +29,6 @@ from deepcoro_jax.training import run, sharding, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILE = str(REPO / "configs" / "multitask.py")
-SYNTHETIC = dict(num_studies=8, size=32, num_frames=(8, 12), seed=0)
 
 
 # ------------------------------------------------------------------------ parse_arg
@@ -246,22 +247,21 @@ def micro_config(cache_dir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def audited_runs(cache_dir: str, xla_cache_dir: str, workdir: str) -> None:
+def audited_runs(cache_dir: str, workdir: str) -> None:
     """Two short trainings on recorded configs; prints the union of the paths read.
 
     The first trains with the EMA teacher on; the second starts from the
     first's encoder (config.init) with another seed: between them they take
     every branch that reads a field. Runs in a subprocess (see the test).
     """
-    jax.config.update("jax_compilation_cache_dir", xla_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     reads: set[str] = set()
     first = micro_config(cache_dir)
     first.update(total_steps=2, ckpt_steps=2)
     first.loss.weights.distill = 0.5
     train.main(ReadRecorder(first, reads), os.path.join(workdir, "first"))
     second = micro_config(cache_dir)
-    second.update(total_steps=1, seed=1)
+    # The first run's train step (the same length and schedule), saved after one step.
+    second.update(total_steps=2, ckpt_steps=1, seed=1)
     second.loss.weights.distill = 0.5
     second.init.update(workdir=os.path.join(workdir, "first"), include="encoder/.*", step=2)
     train.main(ReadRecorder(second, reads), os.path.join(workdir, "second"))
@@ -280,16 +280,13 @@ def test_read_recorder_records_what_is_read():
 
 
 @pytest.mark.slow
-def test_the_trainer_reads_every_config_field(tmp_path_factory):
-    shared = tmp_path_factory.getbasetemp()
+def test_the_trainer_reads_every_config_field(tmp_path_factory, synthetic_cache):
     workdir = tmp_path_factory.mktemp("audit")
     code = (
         "import sys; sys.path.insert(0, 'tests'); import test_config; "
-        f"test_config.audited_runs({str(shared / 'synthetic_cache')!r}, "
-        f"{str(shared / 'xla_cache')!r}, {str(workdir)!r})"
+        f"test_config.audited_runs({str(synthetic_cache)!r}, {str(workdir)!r})"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = testenv.subprocess_env(1)
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
@@ -331,3 +328,28 @@ def _saved_params(workdir: Path, step: int) -> dict:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     return state["params"]
+
+
+def test_the_contact_sheet_names_a_bad_override_in_one_line(tmp_path):
+    """`make demo`'s first command parses its flags as launch.py does."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "input_pipeline.contact_sheet",
+            "--config=configs/multitask.py:runlocal",
+            f"--out={tmp_path / 'sheet.png'}",
+            "--config.model.encoder_overrides.depth=1",
+        ],
+        cwd=REPO,
+        env=testenv.subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "FATAL Flags parsing error: the config has no field 'depth' (overrides given: "
+        "['--config.model.encoder_overrides.depth'])"
+    ], result.stderr[-2000:]
+    assert not list(tmp_path.iterdir())

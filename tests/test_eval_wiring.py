@@ -2,45 +2,31 @@
 those the data cannot serve are left out with a warning; a new evaluator type is one
 file with its registration; evaluators get predict functions, never the model.
 
-One in-process training of the micro config (2 steps on 8 fake devices) with a
-retrieval evaluator at step 0 and at the end; then mode='eval' on its checkpoint
-must reproduce the end-of-training results, since it evaluates the same parameters.
+The test run's shared micro run (conftest.py: 2 steps on 8 fake devices, with a
+retrieval evaluator at step 0 and at the end); mode='eval' on its checkpoint must
+reproduce the end-of-training results, since it evaluates the same parameters.
 """
 
 import dataclasses
 import json
 import logging
 import pathlib
+import shutil
 import sys
 
 import flax.linen as nn
 import ml_collections
 import pytest
-from evaltools import init_params, make_context, micro_config, without_labels
+from evaltools import init_params, make_context, micro_config, micro_run_config, without_labels
 
 import evaluators
 from deepcoro_jax.training import train
 from evaluators import common
 
 
-def _config(data_dir: str):
-    config = micro_config()
-    config.input.data_dir = data_dir
-    config.update(total_steps=2, ckpt_steps=2, log_training_steps=1)
-    config.optim.schedule.warmup_steps = 1
-    config.loss.weights.mvm = 0.0  # a smaller train step to compile; MVM plays no part here
-    config.evals = {
-        "train_retrieval": dict(
-            type="retrieval", log_steps=2, at_start=True, split="train", batch_size=16
-        )
-    }
-    return config
-
-
 @pytest.fixture(scope="module")
-def trained(synthetic_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    returned = train.main(_config(synthetic_data), str(workdir))
+def trained(micro_run):
+    workdir, returned = micro_run
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return workdir, returned, {r["step"]: r for r in records}
 
@@ -56,9 +42,11 @@ def test_evaluators_run_at_step_0_and_on_schedule(trained):
     assert records[0]["train_retrieval/alignment"] != records[2]["train_retrieval/alignment"]
 
 
-def test_mode_eval_reproduces_the_last_evaluation(trained, synthetic_data):
-    workdir, _, records = trained
-    results = train.main(_config(synthetic_data), str(workdir), mode="eval")
+def test_mode_eval_reproduces_the_last_evaluation(trained, synthetic_data, tmp_path):
+    shared, _, records = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(shared, workdir)  # eval mode logs into the run's workdir
+    results = train.main(micro_run_config(synthetic_data), str(workdir), mode="eval")
     for name, value in results.items():
         if not name.endswith("/seconds"):
             assert value == pytest.approx(records[2][name], rel=1e-5, abs=1e-6), name
@@ -66,19 +54,19 @@ def test_mode_eval_reproduces_the_last_evaluation(trained, synthetic_data):
 
 def test_mode_eval_needs_a_checkpoint_and_evaluators(synthetic_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.main(_config(synthetic_data), str(tmp_path / "empty"), mode="eval")
-    config = _config(synthetic_data)
+        train.main(micro_run_config(synthetic_data), str(tmp_path / "empty"), mode="eval")
+    config = micro_run_config(synthetic_data)
     config.evals = {}
     with pytest.raises(ValueError, match="config.evals, which is empty"):
         train.main(config, str(tmp_path / "none"), mode="eval")
 
 
 def test_a_bad_evaluator_is_named(synthetic_data, tmp_path):
-    config = _config(synthetic_data)
+    config = micro_run_config(synthetic_data)
     config.evals.train_retrieval.type = "retreival"
     with pytest.raises(ValueError, match=r"config.evals.train_retrieval.type='retreival'"):
         train.main(config, str(tmp_path / "typo"))
-    config = _config(synthetic_data)
+    config = micro_run_config(synthetic_data)
     config.evals.train_retrieval.topk = 3
     with pytest.raises(ValueError, match=r"config.evals.train_retrieval: .*topk"):
         train.main(config, str(tmp_path / "unknown_option"))

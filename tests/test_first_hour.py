@@ -10,6 +10,7 @@ that each is one of the commands run here (the same program and flags; only
 values differ), or is listed in NOT_RUN with the reason.
 """
 
+import concurrent.futures
 import json
 import re
 import shlex
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import testenv
 
 REPO = Path(__file__).resolve().parents[1]
 LINKED = (
@@ -88,6 +90,10 @@ def user(tmp_path_factory):
         "HOME": str(cwd / "home"),
         "JAX_PLATFORMS": "cpu",
         "LANG": "C.UTF-8",
+        # Compile speed only (tests/testenv.py): fewer optimisations, and every
+        # program kept in launch.py's cache, however fast it compiled.
+        "XLA_FLAGS": testenv.FAST_COMPILE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": testenv.PROCESS_CACHE_MIN_SECS,
     }
     return cwd, env, []
 
@@ -124,53 +130,34 @@ def test_make_demo_trains_evaluates_and_checkpoints_quietly(user, demo):
     assert config["input"]["synthetic"]["cache_dir"] == str(user[0] / "home/.cache/deepcoro_jax")
 
 
-@pytest.mark.slow
-def test_infer_on_a_file_as_the_readme_writes_it(user, demo):
+def _infer_on_a_file(user) -> subprocess.CompletedProcess:
     video = user[0] / "path" / "to" / "video.mp4"
     video.parent.mkdir(parents=True)
     shutil.copy(_source_video(user), video)
-    result = _shell(
+    return _shell(
         user,
         ".venv/bin/python -m deepcoro_jax.tools.infer --workdir runs/demo --attention "
         "runs/demo/attention path/to/video.mp4",
     )
-    assert "path/to/video.mp4" in result.stdout and "checkpoint 4" in result.stdout
-    assert list((user[0] / "runs/demo/attention").glob("000_video.png"))
-    assert not CHATTER.search(result.stdout + result.stderr), result.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_export_eval_and_plot_as_the_readme_writes_them(user, demo):
-    _shell(
-        user,
-        ".venv/bin/python -m deepcoro_jax.tools.export --workdir runs/demo --split val "
-        "--out runs/demo/val_embeddings.npz",
-    )
-    arrays = np.load(user[0] / "runs/demo/val_embeddings.npz")
-    norms = np.linalg.norm(arrays["video_emb"], axis=1)
-    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
-    evaluated = _shell(
-        user,
-        ".venv/bin/python launch.py --config configs/multitask.py:runlocal --workdir runs/demo "
-        f"--mode eval {DEMO_FLAGS}",
-    )
-    assert "eval val_captioning @ step 4" in evaluated.stdout, evaluated.stdout
-    plotted = _shell(user, ".venv/bin/python -m deepcoro_jax.tools.plot runs/demo")
-    assert plotted.stdout.strip() == str(user[0] / "runs/demo/plots/training_curves.png")
+def _export_eval_and_plot(user) -> dict[str, subprocess.CompletedProcess]:
+    return {
+        "export": _shell(
+            user,
+            ".venv/bin/python -m deepcoro_jax.tools.export --workdir runs/demo --split val "
+            "--out runs/demo/val_embeddings.npz",
+        ),
+        "eval": _shell(
+            user,
+            ".venv/bin/python launch.py --config configs/multitask.py:runlocal --workdir "
+            f"runs/demo --mode eval {DEMO_FLAGS}",
+        ),
+        "plot": _shell(user, ".venv/bin/python -m deepcoro_jax.tools.plot runs/demo"),
+    }
 
 
-@pytest.mark.slow
-def test_make_demo_again_resumes(user, demo):
-    flags = DEMO_FLAGS.replace("--config.total_steps=4", "--config.total_steps=6")
-    result = _shell(user, f'make demo DEMO_FLAGS="{flags}"')
-    steps = re.findall(r"^step (\d+)/6", result.stdout, re.M)
-    assert steps and steps[0] == "6", result.stdout
-    assert "eval val_retrieval @ step 0" not in result.stdout
-    assert sorted(int(p.name) for p in (user[0] / "runs/demo/checkpoints").iterdir()) == [4, 6]
-
-
-@pytest.mark.slow
-def test_training_on_your_data_with_relative_paths(user, demo):
+def _train_on_your_data(user) -> subprocess.CompletedProcess:
     """The README's "Training on your data", with the demo's synthetic files copied into
     ./data as a user's own export (manifest paths relative to the manifest)."""
     source = _source_video(user).parents[1]
@@ -182,20 +169,70 @@ def test_training_on_your_data_with_relative_paths(user, demo):
         ".venv/bin/python -m input_pipeline.prepare --manifest data/manifest.csv "
         "--out data/prepared --size 64 --workers 2 --label_columns left_significant",
     )
-    assert (user[0] / "data/prepared/prepare_report.json").is_file()
-    result = _shell(
+    return _shell(
         user,
         ".venv/bin/python launch.py --config configs/multitask.py:runlocal,data=data/prepared "
         "--workdir runs/mine --config.model.dtype=bfloat16 --config.total_steps=1 "
         "--config.input.batch_size=8 --config.optim.schedule.warmup_steps=0 --config.evals='{}'",
     )
+
+
+@pytest.fixture(scope="module")
+def after_demo(user, demo):
+    """The commands that only read the demo's run, in three chains side by side (both
+    CPUs busy): infer on a file; export, --mode eval and plot; training on your data.
+    Each test takes its chain's result (a failed command fails that test)."""
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        chains = {
+            "infer": pool.submit(_infer_on_a_file, user),
+            "export_eval_plot": pool.submit(_export_eval_and_plot, user),
+            "your_data": pool.submit(_train_on_your_data, user),
+        }
+        concurrent.futures.wait(chains.values())
+    return chains
+
+
+@pytest.mark.slow
+def test_infer_on_a_file_as_the_readme_writes_it(user, after_demo):
+    result = after_demo["infer"].result()
+    assert "path/to/video.mp4" in result.stdout and "checkpoint 4" in result.stdout
+    assert list((user[0] / "runs/demo/attention").glob("000_video.png"))
+    assert not CHATTER.search(result.stdout + result.stderr), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_export_eval_and_plot_as_the_readme_writes_them(user, after_demo):
+    results = after_demo["export_eval_plot"].result()
+    arrays = np.load(user[0] / "runs/demo/val_embeddings.npz")
+    norms = np.linalg.norm(arrays["video_emb"], axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    evaluated = results["eval"]
+    assert "eval val_captioning @ step 4" in evaluated.stdout, evaluated.stdout
+    plotted = results["plot"]
+    assert plotted.stdout.strip() == str(user[0] / "runs/demo/plots/training_curves.png")
+
+
+@pytest.mark.slow
+def test_training_on_your_data_with_relative_paths(user, after_demo):
+    result = after_demo["your_data"].result()
+    assert (user[0] / "data/prepared/prepare_report.json").is_file()
     assert "step 1/1" in result.stdout
     config = json.loads((user[0] / "runs/mine/config.json").read_text())
     assert config["input"]["data_dir"] == str(user[0] / "data/prepared")
 
 
 @pytest.mark.slow
-def test_a_run_needs_no_data_to_load(user, demo):
+def test_make_demo_again_resumes(user, after_demo):
+    flags = DEMO_FLAGS.replace("--config.total_steps=4", "--config.total_steps=6")
+    result = _shell(user, f'make demo DEMO_FLAGS="{flags}"')
+    steps = re.findall(r"^step (\d+)/6", result.stdout, re.M)
+    assert steps and steps[0] == "6", result.stdout
+    assert "eval val_retrieval @ step 0" not in result.stdout
+    assert sorted(int(p.name) for p in (user[0] / "runs/demo/checkpoints").iterdir()) == [4, 6]
+
+
+@pytest.mark.slow
+def test_a_run_needs_no_data_to_load(user, after_demo):
     """The run keeps its tokenizers and its data's format: with the synthetic cache moved
     away, infer still writes reports (without a bank), and --mode eval reads the moved
     data (data=) with the run's own tokenizers."""

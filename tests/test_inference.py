@@ -1,11 +1,10 @@
 """Inference on a tiny run: load_run, infer on raw files, export of a prepared split.
 
-One module fixture makes the run: the evaluator tests' micro config on the
-session's tiny synthetic set, seeded random parameters saved at step 2 by
-``checkpoint.Checkpointer`` (as the trainer's state holds them, under 'params'),
-and config.json written as the trainer writes it. The checks compare with
-computations made here independently: the dataset's own clips through the
-pipeline ops, ``model.apply`` on single examples, the pipeline's tokenize op.
+The run is the test run's shared micro run (conftest.py: the evaluator tests'
+micro config trained 2 steps on the session's tiny synthetic set). The checks
+compare with computations made here independently: the dataset's own clips
+through the pipeline ops, ``model.apply`` on single examples, the pipeline's
+tokenize op.
 """
 
 import contextlib
@@ -16,16 +15,14 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from evaltools import micro_config
 from PIL import Image
 
 from deepcoro_jax.domain import reports
 from deepcoro_jax.models import multitask
 from deepcoro_jax.tools import attention_maps, export, infer, inference
-from deepcoro_jax.training import checkpoint
 from deepcoro_jax.training import run as run_lib
 
 STEP = 2
@@ -33,44 +30,15 @@ SPLIT = "train"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(synthetic_data, tmp_path_factory):
-    """(workdir, the saved params) of a run whose checkpoint holds random parameters."""
-    from deepcoro_jax.domain import tokenizers
-    from input_pipeline import dataset_format
-
-    config = micro_config()
-    config.input.data_dir = synthetic_data
-    workdir = tmp_path_factory.mktemp("run")
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    tok = tokenizers.get_tokenizer(dataset_format.tokenizer_spec(synthetic_data))
-    model = run_lib.build_model(config, tok.vocab_size, tok.pad_id)
-    size = config.model.image_size
-    batch = {
-        "video": jax.ShapeDtypeStruct((1, config.model.num_frames, size, size, 1), jnp.float32),
-        "text_ids": jax.ShapeDtypeStruct((1, config.input.text_max_len), jnp.int32),
-        "text_mask": jax.ShapeDtypeStruct((1, config.input.text_max_len), jnp.bool_),
-        "caption_in": jax.ShapeDtypeStruct((1, config.input.caption_max_len), jnp.int32),
-    }
-    rng = jax.random.key(3)
-    rngs = {"params": rng, "dropout": rng, "mask": rng, "parallel": rng}
-    shapes = jax.eval_shape(lambda b: model.init(rngs, b, train=False, mvm=True)["params"], batch)
-    params = _random_params(shapes, seed=3)
-    saver = checkpoint.Checkpointer(str(workdir / "checkpoints"))
-    saver.save(STEP, {"step": jnp.int32(STEP), "params": params, "rng": jax.random.key_data(rng)})
-    saver.close()
-    return str(workdir), params
-
-
-def _random_params(shapes, seed: int):
-    """Parameters of the given shapes, drawn without compiling ``init``: weights ~
-    N(0, 0.05), LayerNorm scales ~ 1 + N(0, 0.05)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        offset = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(offset + 0.05 * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+def tiny_run(micro_run):
+    """(workdir, the parameters saved at STEP) of the test run's shared micro run."""
+    workdir = micro_run[0]
+    path = workdir / "checkpoints" / str(STEP) / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return str(workdir), state["params"]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ side by side where they do not depend on each other so that both CPUs work; they
 share one persistent compilation cache, so only the first run of each device
 layout compiles. Single-device runs are bitwise deterministic on CPU (same
 executable, same inputs), which the resume tests rely on. Gradient accumulation
-is tested in-process on the train step itself.
+is tested in-process on the train step itself (test_accumulation.py).
 """
 
 import json
@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from configs import multitask as multitask_config
-from deepcoro_jax.training import run, sharding
+import testenv
+from evaltools import SYNTHETIC
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 40  # steps of the reference run; the resume test stops halfway
@@ -43,7 +41,6 @@ VIDEO_PP = (
     "decode_sample_frames(4, stride=2, train=True)|random_resized_crop(32, scale=(0.7, 1.0))"
     "|value_range(-1, 1)"
 )
-SYNTHETIC = dict(num_studies=8, size=32, num_frames=(8, 12), seed=0)
 MICRO_CONFIG = f'''"""The runlocal recipe shrunk for tests (4 x 32 x 32 clips, one-layer towers)."""
 
 from configs import multitask
@@ -76,19 +73,14 @@ def get_config(arg=None):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """The micro config file, the synthetic data (generated here, once) and the XLA cache."""
-    from input_pipeline import data_cache
-
-    shared = tmp_path_factory.getbasetemp()
-    config_file = shared / "micro_config.py"
+def setup(tmp_path_factory, synthetic_cache):
+    """The micro config file, the test run's synthetic cache and compilation cache."""
+    config_file = tmp_path_factory.mktemp("config") / "micro_config.py"
     config_file.write_text(MICRO_CONFIG)
-    cache_dir = shared / "synthetic_cache"
-    data_cache.ensure_synthetic(dict(SYNTHETIC, cache_dir=str(cache_dir)))
     return {
         "config": config_file,
-        "cache": cache_dir,
-        "xla": shared / "xla_cache",
+        "cache": synthetic_cache,
+        "xla": testenv.cache_dir(),
         "root": tmp_path_factory.mktemp("runs"),
     }
 
@@ -107,13 +99,7 @@ def _command(setup, workdir: Path, overrides: dict, flags: tuple = ()) -> list[s
 
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    return env
+    return testenv.subprocess_env(devices)
 
 
 def _start(
@@ -329,23 +315,29 @@ def test_library_imports_without_tensorflow():
 
 
 def test_bad_overrides_and_data_are_named_errors(setup, tmp_path):
-    for override, message in (
+    workdir = tmp_path / "run"
+    cases = (
         ("--config.input.no_such_key=1", "the config has no field 'no_such_key'"),
         ("--config.total_steps=ten", "--config.total_steps=ten"),
         ("--config.model.mask_ratio=high", "--config.model.mask_ratio=high"),
         ("--config.input.data_dir=no/such/folder", "is not a prepared dataset"),
-    ):
-        result = subprocess.run(
-            [sys.executable, *_command(setup, tmp_path, {}, (override,))],
+    )
+    started = [  # side by side: each stops at start-up
+        subprocess.Popen(
+            [sys.executable, *_command(setup, workdir, {}, (override,))],
             cwd=REPO,
             env=_env(1),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=120,
         )
-        assert result.returncode != 0
-        assert message in result.stderr, result.stderr[-2000:]
-        assert not list(tmp_path.iterdir()), "a bad override wrote to the workdir"
+        for override, _ in cases
+    ]
+    for proc, (_, message) in zip(started, cases, strict=True):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert message in stderr, stderr[-2000:]
+    assert not list(tmp_path.iterdir()), "a bad override wrote to the workdir"
 
 
 @pytest.mark.slow
@@ -362,128 +354,6 @@ def test_a_mismatched_resume_leaves_the_workdir_as_it_was(setup, reference, tmp_
     assert "compiling" not in out
     after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert after == before
-
-
-# ------------------------------------------------------------------ gradient accumulation
-
-
-def _accumulation_config(accum_steps: int) -> ml_collections.ConfigDict:
-    config = multitask_config.get_config("runlocal")
-    config.grad_accum_steps = accum_steps
-    config.input.update(text_max_len=12, caption_max_len=12)
-    config.model.update(
-        num_frames=4,
-        image_size=16,
-        patch_size=(2, 8, 8),
-        mask_ratio=0.5,
-        normalize_mvm_target=False,
-    )
-    config.model.encoder_overrides.depth = 1
-    config.model.caption_decoder_overrides.num_layers = 1
-    # Contrastive off (it does not decompose); MVM computed but weighted 0 at step 0.
-    config.loss.weights = ml_collections.ConfigDict(
-        dict(
-            contrastive=0.0,
-            caption=1.0,
-            distill=0.0,
-            mvm=dict(type="step", values=[0.0, 1.0], boundaries=[10]),
-        )
-    )
-    config.optim.optimizer = "sgd"  # updates linear in the gradient: comparable to 1e-6
-    return config
-
-
-def _study_batch(vocab_size: int) -> tuple[dict, float]:
-    """8 studies of 2 video slots; even examples hold long reports and 2 real videos,
-    odd ones short reports and 1, so the two micro-batches' counts differ. Each video
-    is one constant value: with a zero MVM head its error is that value squared."""
-    rng = np.random.default_rng(0)
-    batch_size, slots, length = 8, 2, 12
-    values = rng.uniform(-1, 1, (batch_size, slots)).astype(np.float32)
-    video = np.broadcast_to(values[:, :, None, None, None, None], (batch_size, slots, 4, 16, 16, 1))
-    video_mask = np.array([[True, i % 2 == 0] for i in range(batch_size)])
-    lengths = np.where(np.arange(batch_size) % 2 == 0, 11, 3)
-    positions = np.arange(length)[None, :]
-    caption_mask = positions < lengths[:, None]
-    caption_out = np.where(caption_mask, rng.integers(4, vocab_size, (batch_size, length)), 0)
-    caption_in = np.concatenate([np.full((batch_size, 1), 2), caption_out[:, :-1]], axis=1)
-    text_mask = positions < (lengths[:, None] + 1)
-    text_ids = np.where(text_mask, rng.integers(4, vocab_size, (batch_size, length)), 0)
-    batch = {
-        "video": np.ascontiguousarray(video),
-        "video_mask": video_mask,
-        "text_ids": text_ids.astype(np.int32),
-        "text_mask": text_mask,
-        "caption_in": caption_in.astype(np.int32),
-        "caption_out": caption_out.astype(np.int32),
-        "caption_mask": caption_mask,
-    }
-    expected_mvm = float(np.mean(values[video_mask] ** 2))
-    return batch, expected_mvm
-
-
-@pytest.fixture(scope="module")
-def accumulation_results(runs):
-    """One train step with k=1 and with k=2 micro-batches on the same state and batch.
-
-    (It asks for `runs` only so that those subprocesses start first and run while
-    this process compiles.)
-    """
-    vocab_size = 40
-    mesh = sharding.make_mesh((("data", 1), ("fsdp", 1)), devices=jax.devices()[:1])
-    batch, expected_mvm = _study_batch(vocab_size)
-    results = {}
-    for accum_steps in (1, 2):
-        config = _accumulation_config(accum_steps)
-        model = run.build_model(config, vocab_size, pad_id=0)
-        example = {k: v[:1] for k, v in batch.items()}
-        params_shape = jax.eval_shape(
-            lambda r, model=model, example=example: model.init(
-                {"params": r, "mask": r, "dropout": r, "parallel": r}, example, train=False
-            )["params"],
-            jax.random.key(0),
-        )
-        tx, schedules = run.make_optimizer(config, params_shape, total_steps=10, warmup_steps=0)
-        init_fn = run.create_train_state(model, tx, example, with_teacher=False)
-        abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = run.state_shardings(abstract_state, config, mesh)
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(0))
-        head = state.params["mvm_decoder"]["head"]
-        params = dict(state.params)
-        params["mvm_decoder"] = {
-            **params["mvm_decoder"],
-            "head": jax.tree.map(lambda x: x * 0, head),
-        }
-        state = state.replace(params=params)
-        step = jax.jit(
-            run.make_train_step(model, tx, config, mesh, schedules),
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-        )
-        new_state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
-        results[accum_steps] = (jax.device_get(new_state.params), jax.device_get(metrics))
-    return results, expected_mvm
-
-
-@pytest.mark.slow
-def test_accumulation_equals_one_large_step(accumulation_results):
-    results, _ = accumulation_results
-    (params_1, metrics_1), (params_2, metrics_2) = results[1], results[2]
-    np.testing.assert_allclose(metrics_2["loss/caption"], metrics_1["loss/caption"], rtol=1e-6)
-    np.testing.assert_allclose(metrics_2["l2_grads"], metrics_1["l2_grads"], rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_2, params_1
-    )
-    doc = " ".join(run.make_train_step.__doc__.split())
-    assert "The contrastive term does not decompose" in doc
-    assert "compared only with the reports of its own micro-batch" in doc
-
-
-@pytest.mark.slow
-def test_accumulated_mvm_is_normalised_by_the_whole_batch(accumulation_results):
-    results, expected_mvm = accumulation_results
-    for accum_steps in (1, 2):
-        np.testing.assert_allclose(results[accum_steps][1]["loss/mvm"], expected_mvm, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ end to end
