@@ -30,6 +30,7 @@ Conventions, shared by every function here:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -280,6 +281,19 @@ def chance_recall(num_relevant: np.ndarray, num_candidates: int, k: int) -> floa
 
 
 LEVELS = ("video", "study")
+# Above this mean cosine between distinct items, a tower's embeddings point one way.
+COLLAPSED_COSINE = 0.99
+
+
+def collapsed_towers(metrics: Mapping[str, float]) -> dict[str, float]:
+    """{'videos' and/or 'reports': mean cosine} for the towers whose
+    ``query_mean_cosine`` / ``report_mean_cosine`` in `metrics` is above
+    COLLAPSED_COSINE."""
+    cosines = {
+        "videos": metrics.get("query_mean_cosine"),
+        "reports": metrics.get("report_mean_cosine"),
+    }
+    return {t: v for t, v in cosines.items() if v is not None and v > COLLAPSED_COSINE}
 
 
 @common.register("retrieval")
@@ -358,4 +372,11 @@ class Evaluator(common.Evaluator):
             if len(emb) > 1:
                 metrics[key] = mean_pairwise_cosine(emb)
         metrics["num_candidates"] = float(len(candidates))
+        for tower, cosine in collapsed_towers(metrics).items():
+            logging.warning(
+                "%s: the embeddings of the %s have collapsed (mean cosine %.4f between "
+                "distinct %s, above %.2f): retrieval cannot rank; see 'Collapsed "
+                "embeddings' in docs/training.md",
+                self.name, tower, cosine, tower, COLLAPSED_COSINE,
+            )
         return metrics

@@ -6,7 +6,10 @@ studies share reports, study-level pooling, and the same numbers on 1, 2 and 8
 devices with different batch sizes.
 """
 
+import logging
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from evaltools import init_params, make_context, micro_config
@@ -112,3 +115,35 @@ def test_mean_pairwise_cosine_known_cases():
         retrieval.mean_pairwise_cosine(np.ones((1, 3)))
     with pytest.raises(ValueError, match="zero row"):
         retrieval.mean_pairwise_cosine(np.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_collapsed_embeddings_are_named_in_a_warning(results, caplog):
+    """A video projection that ignores its input (kernel 0, bias 1): every video gets
+    one embedding, their mean cosine is 1, and the evaluation says so."""
+    _, _, params, evaluator = results[1, 4, "video"]
+    projection = params["video_projection"]
+    collapsed = {
+        **params,
+        "video_projection": {
+            "kernel": jnp.zeros_like(projection["kernel"]),
+            "bias": jnp.ones_like(projection["bias"]),
+        },
+    }
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluator.run(collapsed, 0)
+    assert metrics["query_mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert retrieval.collapsed_towers(metrics) == {"videos": metrics["query_mean_cosine"]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(
+        "r: the embeddings of the videos have collapsed" in w and "docs/training.md" in w
+        for w in warnings
+    ), warnings
+    assert not any("of the reports have collapsed" in w for w in warnings)
+
+
+def test_collapse_is_read_from_the_mean_cosines():
+    assert retrieval.collapsed_towers({"query_mean_cosine": 0.5, "report_mean_cosine": 0.995}) == {
+        "reports": 0.995
+    }
+    assert retrieval.collapsed_towers({"query_mean_cosine": 0.99}) == {}  # above, not at
+    assert retrieval.collapsed_towers({}) == {}
