@@ -26,7 +26,6 @@ local device. Not for: raw files (``infer.py``), evaluation metrics
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -93,26 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m deepcoro_jax.tools.export",
         description="Video and report embeddings of a prepared split, as one .npz.",
     )
-    parser.add_argument("--workdir", required=True, help="the trained run's workdir")
+    inference.add_run_arguments(parser)
     parser.add_argument("--data", help="a prepared dataset folder (default: the run's own)")
     parser.add_argument("--split", required=True, help="the split to embed, e.g. test")
     parser.add_argument("--out", required=True, help="the .npz file to write")
-    parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="clips per batch")
-    parser.add_argument("--verbose", action="store_true", help="library log lines too")
-    parser.add_argument(
-        "--compilation_cache_dir",
-        help="compiled programs (default: $JAX_COMPILATION_CACHE_DIR, else "
-        f"{paths.COMPILATION_CACHE})",
-    )
     args = parser.parse_args(argv)
     args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
     args.data = paths.resolve(args.data) if args.data else None
-    if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
-        console.start_for_run(args.workdir, verbose=args.verbose)
-        paths.use_compilation_cache(args.compilation_cache_dir)  # as launch.py's
-    else:
-        logging.basicConfig(level=logging.WARNING)
+    inference.start_tool(args, command_line=argv is None)
     if not args.out.endswith(".npz"):
         print(f"{parser.prog}: error: --out {args.out} must end with .npz", file=console.terminal())
         return 2

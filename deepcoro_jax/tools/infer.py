@@ -251,29 +251,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m deepcoro_jax.tools.infer",
         description="Reports, findings and nearest bank reports for raw angiography files.",
     )
-    parser.add_argument("--workdir", required=True, help="the trained run's workdir")
-    parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
+    inference.add_run_arguments(parser)
     parser.add_argument("--bank", help="CSV with a 'report' column (default: the train split)")
     parser.add_argument("--top_k", type=positive_int, default=5, help="bank reports to show")
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
     parser.add_argument("--attention", metavar="OUTDIR", help="write attention maps here")
     parser.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy)")
     parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, AVI, MP4 or .npy")
-    parser.add_argument("--verbose", action="store_true", help="library log lines too")
-    parser.add_argument(
-        "--compilation_cache_dir",
-        help="compiled programs (default: $JAX_COMPILATION_CACHE_DIR, else "
-        f"{paths.COMPILATION_CACHE})",
-    )
     args = parser.parse_args(argv)
     for name in ("workdir", "bank", "attention"):
         setattr(args, name, paths.resolve(getattr(args, name)) if getattr(args, name) else None)
     args.files = [paths.resolve(f) for f in args.files]
-    if argv is None:  # the command line: library log lines go to WORKDIR/log.txt
-        console.start_for_run(args.workdir, verbose=args.verbose)
-        paths.use_compilation_cache(args.compilation_cache_dir)  # as launch.py's
-    else:
-        logging.basicConfig(level=logging.WARNING)
+    inference.start_tool(args, command_line=argv is None)
     try:
         run = inference.load_run(args.workdir, args.checkpoint)
         if not args.json:

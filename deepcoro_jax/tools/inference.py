@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from deepcoro_jax import paths
+from deepcoro_jax import console, paths
 from deepcoro_jax.domain import tokenizers
 from deepcoro_jax.models import multitask
 from deepcoro_jax.training import checkpoint, sharding
@@ -306,3 +307,26 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every tool that reads a trained run takes: --workdir, --checkpoint,
+    --verbose and --compilation_cache_dir."""
+    parser.add_argument("--workdir", required=True, help="the trained run's workdir")
+    parser.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--verbose", action="store_true", help="library log lines too")
+    parser.add_argument(
+        "--compilation_cache_dir",
+        help="compiled programs (default: $JAX_COMPILATION_CACHE_DIR, else "
+        f"{paths.COMPILATION_CACHE})",
+    )
+
+
+def start_tool(args: argparse.Namespace, command_line: bool) -> None:
+    """From the command line: library log lines to the run's log.txt and launch.py's
+    compilation cache; called as a function (tests): warnings to stderr, JAX untouched."""
+    if command_line:
+        console.start_for_run(args.workdir, verbose=args.verbose)
+        paths.use_compilation_cache(args.compilation_cache_dir)
+    else:
+        logging.basicConfig(level=logging.WARNING)
