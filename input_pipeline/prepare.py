@@ -10,12 +10,18 @@ Usage:
       [--root DIR] [--workers N] [--size 256] [--max_frames N] [--fps F]
       [--min_frames 8] [--frame_format png|jpeg] [--label_columns a,b] [--vocab SPEC]
       [--splits train,val,test] [--allow_split_overlap] [--overwrite] [--log_every N]
+      [--report_scope study|view --system_column COL]
 
 The manifest is DeepCORO-CLIP's: 'α'- or comma-separated (read from the header
 line), one row per video with the columns FileName, Split, Report and optionally
 StudyInstanceUID (renameable by flag); relative paths resolve against --root, or
 else the manifest's folder. Without a study column (or with an empty value) a
-video is its own study.
+video is its own study. A video shows one coronary system but its row usually
+carries the whole study's report; `--report_scope view --system_column COL`
+keeps of each report the sentences about that system (left/right, from COL,
+e.g. a view classifier's output) plus dominance, so that two videos whose views
+show the same thing get the same findings (rows whose report the parser cannot
+read keep it whole and are counted in the report's "report_scope").
 
 Videos are decoded by `video_io.load_video` in 'spawn' worker processes that
 import no TensorFlow, frames are encoded there and the main process writes the
@@ -75,7 +81,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
 from deepcoro_jax import console, paths
-from deepcoro_jax.domain import tokenizers
+from deepcoro_jax.domain import reports, tokenizers
 from input_pipeline import video_io
 
 if TYPE_CHECKING:
@@ -95,6 +101,15 @@ SPLIT_OVERLAP = "split overlap"
 DUPLICATE_ROW = "duplicate row"
 TOO_FEW_FRAMES = "too few frames"
 UNEXPECTED_ERROR = "unexpected error"
+REPORT_SCOPES = ("study", "view")
+UNKNOWN_SYSTEM = "unknown system"
+UNPARSED_REPORT = "report not parsed"
+NOTHING_ABOUT_SYSTEM = "nothing about the view's system"
+# --system_column values read as each system (lower-cased).
+SYSTEM_NAMES = {
+    "left": "left", "l": "left", "lca": "left", "left coronary": "left",
+    "right": "right", "r": "right", "rca": "right", "right coronary": "right",
+}
 PROGRESS_SECONDS = 10.0  # at most this long between two progress lines
 MAX_LOGGED_FAILURES = 10  # failures logged as warnings; all are in the report
 
@@ -115,6 +130,7 @@ class ManifestRow:
     report: str
     study_id: str
     labels: dict[str, str]
+    system: str = ""  # the view's coronary system (--system_column), '' without one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +150,7 @@ def read_manifest(
     study_column: str = "StudyInstanceUID",
     label_columns: Sequence[str] = (),
     splits: Sequence[str] = DEFAULT_SPLITS,
+    system_column: str | None = None,
 ) -> Manifest:
     """Reads and checks a manifest; rows with a bad split, report or shape go to `failed`.
 
@@ -151,6 +168,8 @@ def read_manifest(
         required = {file_column: "--file_column", split_column: "--split_column"}
         required[report_column] = "--report_column"
         required.update({name: "--label_columns" for name in label_columns})
+        if system_column:
+            required[system_column] = "--system_column"
         for column, flag in required.items():
             if column not in header:
                 raise ValueError(
@@ -190,6 +209,7 @@ def read_manifest(
                     report=report,
                     study_id=(values[study_column] if has_study else "") or path,
                     labels={name: values[name] for name in label_columns},
+                    system=values[system_column].lower() if system_column else "",
                 )
             return {"row": index, "path": path, "reason": reason}
 
@@ -198,6 +218,48 @@ def read_manifest(
     failed = [entry for entry in parsed if not isinstance(entry, ManifestRow)]
     label_kinds = {name: _label_kind(r.labels[name] for r in rows) for name in label_columns}
     return Manifest(rows=rows, failed=failed, label_kinds=label_kinds)
+
+
+def view_reports(rows: Sequence[ManifestRow]) -> tuple[list[ManifestRow], dict]:
+    """Each row's report narrowed to what its view can show (`reports.system_part` of its
+    system: that system's sentences plus dominance), for ``--report_scope view``.
+
+    A row keeps its whole report when its system is not one of SYSTEM_NAMES, when the
+    parser reads no sentence of the report, or when no sentence is left. Returns the
+    rows and the summary that goes into prepare_report.json: {"scope", "narrowed",
+    "kept_whole", "kept_whole_by_reason", "kept_whole_rows": [{"row", "path",
+    "reason"}]}.
+    """
+    narrowed: list[ManifestRow] = []
+    kept_whole: list[dict] = []
+    parts: dict[tuple[str, str], str | None] = {}  # one parse per distinct report and system
+    for row in rows:
+        system = SYSTEM_NAMES.get(row.system)
+        if system is None:
+            reason = f"{UNKNOWN_SYSTEM}: {row.system!r} is not one of {sorted(SYSTEM_NAMES)}"
+        else:
+            key = (row.report, system)
+            if key not in parts:
+                parts[key] = reports.system_part(row.report, system)
+            part = parts[key]
+            if part:
+                narrowed.append(dataclasses.replace(row, report=part))
+                continue
+            reason = (f"{UNPARSED_REPORT}: the report parser read no sentence of it"
+                      if part is None else
+                      f"{NOTHING_ABOUT_SYSTEM}: no sentence about the {system} system or "
+                      "dominance")
+        kept_whole.append({"row": row.index, "path": row.path, "reason": reason})
+        narrowed.append(row)
+    by_reason = collections.Counter(entry["reason"].partition(":")[0] for entry in kept_whole)
+    summary = {
+        "scope": "view",
+        "narrowed": len(rows) - len(kept_whole),
+        "kept_whole": len(kept_whole),
+        "kept_whole_by_reason": dict(by_reason.most_common()),
+        "kept_whole_rows": kept_whole,
+    }
+    return narrowed, summary
 
 
 def _label_kind(values: Iterable[str]) -> str:
@@ -461,7 +523,8 @@ def _write_splits(
         written[split] += len(study)
         num_studies[split] += 1
         if split == TRAIN_SPLIT:
-            train_reports.append(study[0][0].report)
+            # Each distinct report once (per-view reports differ within a study).
+            train_reports.extend(dict.fromkeys(row.report for row, _ in study))
 
     study: list[tuple[ManifestRow, _DecodeResult]] = []  # the written videos of one study
     current = None
@@ -532,6 +595,8 @@ def prepare(
     report_column: str = "Report",
     study_column: str = "StudyInstanceUID",
     splits: Sequence[str] = DEFAULT_SPLITS,
+    report_scope: str = "study",
+    system_column: str | None = None,
     examples_per_shard: int = 256,
     allow_split_overlap: bool = False,
     overwrite: bool = False,
@@ -542,7 +607,9 @@ def prepare(
     `workers`: decoding processes (default: one per CPU; 0 decodes in this
     process). `fps`: every video is resampled in time to this rate
     (`video_io.resample_frames`; a video whose rate is unknown fails) and
-    `max_frames` counts the resampled frames. The report is ``{"written":
+    `max_frames` counts the resampled frames. `report_scope` 'view' narrows each
+    row's report to its view's coronary system, read from `system_column` (see
+    `view_reports`; the report then has a "report_scope" entry). The report is ``{"written":
     {split: count}, "failed": [{"row", "path", "reason"}], "failed_by_reason":
     {kind: count}, "seconds", "videos_per_second", "bytes_per_video"}``, also
     saved as DIR/prepare_report.json, or as DIR.prepare_report.json when nothing
@@ -571,6 +638,10 @@ def prepare(
         "distinct split names",
     )
     _check("examples_per_shard", examples_per_shard, examples_per_shard >= 1, "at least 1")
+    _check("report_scope", report_scope, report_scope in REPORT_SCOPES, f"one of {REPORT_SCOPES}")
+    _check("system_column", system_column, report_scope != "view" or bool(system_column),
+           "the manifest column of each video's coronary system (left/right) with "
+           "--report_scope view")
     _check("log_every", log_every, log_every >= 1, "at least 1")
     out = os.path.abspath(out)
     if os.path.exists(out) and not (overwrite and os.path.isdir(out)):
@@ -589,8 +660,18 @@ def prepare(
         study_column=study_column,
         label_columns=label_columns,
         splits=splits,
+        system_column=system_column if report_scope == "view" else None,
     )
     rows, rejected = _drop_overlaps_and_duplicates(table.rows, allow_split_overlap)
+    scope_summary = None
+    if report_scope == "view":
+        rows, scope_summary = view_reports(rows)
+        print(
+            f"prepare: reports narrowed to each view's system for {scope_summary['narrowed']} "
+            f"rows; {scope_summary['kept_whole']} keep the whole report "
+            f"{scope_summary['kept_whole_by_reason'] or ''}",
+            flush=True,
+        )
     if tokenizer is None:
         train_chars = {c for r in rows if r.split == TRAIN_SPLIT for c in r.report}
         # SentencePiece needs a piece per character, the word boundary and pad/unk/bos/eos.
@@ -622,6 +703,7 @@ def prepare(
         "tokenizer": tokenizer,
         "vocab_size": vocab_size,
         "columns": [file_column, split_column, report_column, study_column],
+        "report_scope": [report_scope, system_column if report_scope == "view" else None],
         "splits": list(splits),
         "examples_per_shard": examples_per_shard,
         "allow_split_overlap": allow_split_overlap,
@@ -667,7 +749,7 @@ def prepare(
         )
         failed = sorted(failed_before + failed, key=lambda entry: entry["row"])
         if sum(written.values()) == 0:
-            report = _report(written, failed, num_bytes, start)
+            report = _report(written, failed, num_bytes, start, scope_summary)
             report_path = f"{out}.{REPORT_FILE}"  # beside DIR: an existing DIR stays as it is
             with open(report_path, "w") as f:
                 json.dump(report, f, indent=2)
@@ -690,7 +772,7 @@ def prepare(
             split_infos,
             description=f"Angiography videos and reports from {os.path.abspath(manifest)}.",
         )
-        report = _report(written, failed, num_bytes, start)
+        report = _report(written, failed, num_bytes, start, scope_summary)
         with open(os.path.join(data_dir, REPORT_FILE), "w") as f:
             json.dump(report, f, indent=2)
         _move_into_place(data_dir, out)
@@ -749,11 +831,14 @@ def _print_summary(report: dict, out: str, report_path: str) -> None:
     print(f"prepare: report in {report_path}", flush=True)
 
 
-def _report(written: dict[str, int], failed: list[dict], num_bytes: int, start: float) -> dict:
+def _report(written: dict[str, int], failed: list[dict], num_bytes: int, start: float,
+            scope_summary: dict | None = None) -> dict:
     total = sum(written.values())
     seconds = time.monotonic() - start
     by_reason = collections.Counter(entry["reason"].partition(":")[0] for entry in failed)
+    scope = {"report_scope": scope_summary} if scope_summary else {}
     return {
+        **scope,
         "written": written,
         "failed_by_reason": dict(by_reason.most_common()),
         "failed": failed,
@@ -806,6 +891,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split_column", default="Split")
     parser.add_argument("--report_column", default="Report")
     parser.add_argument("--study_column", default="StudyInstanceUID")
+    parser.add_argument(
+        "--report_scope", default="study", choices=REPORT_SCOPES,
+        help="view: keep of each study report what the video's coronary system shows "
+        "(its sentences and dominance; needs --system_column)",
+    )
+    parser.add_argument("--system_column", help="the column of each video's system (left/right)")
     parser.add_argument("--splits", type=_comma_list, default=list(DEFAULT_SPLITS))
     parser.add_argument("--examples_per_shard", type=int, default=256)
     parser.add_argument(

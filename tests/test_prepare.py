@@ -552,3 +552,47 @@ def test_synthetic_studies_go_through_prepare(tmp_path):
         source = video_io.load_video(str(tmp_path / "synth" / row["FileName"]), SIZE)
         np.testing.assert_array_equal(example["frames"][..., 0], source.frames)
         assert example["labels"]["view"].decode() == row["view"]
+
+
+def test_view_scope_keeps_what_each_view_shows(tmp_path):
+    """--report_scope view: each video's report narrowed to its system (the synthetic
+    manifest's own per-view report says the same), rows it cannot narrow kept whole and
+    counted."""
+    from deepcoro_jax.domain import reports
+    from input_pipeline import synthetic
+
+    manifest = synthetic.generate(tmp_path / "synth", num_studies=3, seed=0, size=48,
+                                  num_frames=(8, 8))
+    with open(manifest, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="α"))
+    rows[0]["system"] = "lateral"
+    rows[1]["Report"] = "Procedure uncomplicated. Radial access."
+    rows[2]["system"] = "RCA" if rows[2]["system"] == "right" else "LCA"
+    with open(manifest, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="α")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match="system_column"):
+        prepare.prepare(str(manifest), str(tmp_path / "no"), workers=0, report_scope="view")
+    report = prepare.prepare(str(manifest), str(tmp_path / "out"), workers=0, size=SIZE,
+                             report_scope="view", system_column="system", vocab_size=100)
+    scope = report["report_scope"]
+    assert scope["narrowed"] == len(rows) - 2 and scope["kept_whole"] == 2
+    assert scope["kept_whole_by_reason"] == {prepare.UNKNOWN_SYSTEM: 1,
+                                             prepare.UNPARSED_REPORT: 1}
+    assert [entry["row"] for entry in scope["kept_whole_rows"]] == [0, 1]
+    with open(tmp_path / "out" / prepare.REPORT_FILE) as f:
+        assert json.load(f)["report_scope"] == scope
+    seen = 0
+    for split, count in report["written"].items():
+        for example in _read_back(tmp_path / "out", split) if count else []:
+            row = rows[int(example["row"])]
+            text = example["report"].decode()
+            if int(example["row"]) in (0, 1):
+                assert text == row["Report"]
+            else:
+                assert reports.parse(text) == reports.parse(row["ViewReport"])
+                assert set(reports._split_sentences(text)) <= set(
+                    reports._split_sentences(row["Report"]))
+            seen += 1
+    assert seen == len(rows)

@@ -212,6 +212,33 @@ def test_render_one_system():
         reports.render(findings, system="lad")
 
 
+def test_system_part_keeps_what_one_system_shows():
+    """Over random studies and phrasings, the part of the report for a system parses to
+    that system's findings with the study's dominance, in the report's own words."""
+    from input_pipeline import synthetic_findings
+
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        findings = synthetic_findings.random_findings(rng)
+        text = reports.render(findings, rng)
+        for system in reports.SYSTEMS:
+            part = reports.system_part(text, system)
+            expected = Findings({s: lesion for s, lesion in findings.lesions.items()
+                                 if reports.system_of(s) == system}, findings.dominance)
+            assert reports.parse(part) == expected, (text, system, part)
+            assert all(sentence in text for sentence in reports._split_sentences(part))
+    written = ("Right dominant. 80% stenosis of the proximal LAD. The RCA is patent. "
+               "No significant coronary artery disease elsewhere. Procedure uncomplicated.")
+    assert reports.system_part(written, "right") == (
+        "Right dominant. The RCA is patent. No significant coronary artery disease elsewhere.")
+    assert reports.system_part(written, "left") == (
+        "Right dominant. 80% stenosis of the proximal LAD. "
+        "No significant coronary artery disease elsewhere.")
+    assert reports.system_part("Procedure uncomplicated. Radial access.", "left") is None
+    with pytest.raises(ValueError, match="system='lad'"):
+        reports.system_part(written, "lad")
+
+
 # ----------------------------------------------------------------------------- hand-written text
 
 L = Lesion

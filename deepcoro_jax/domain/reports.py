@@ -663,6 +663,47 @@ def parse_result(text: str) -> ParseResult:
     )
 
 
+_SIDE_WORDS = {"left": re.compile(r"\bleft\b"), "right": re.compile(r"\bright\b")}
+_VESSEL_SYSTEMS = {"lad": "left", "lcx": "left", "rca": "right"}
+
+
+def _sentence_systems(sentence: str) -> set[str]:
+    """The coronary systems a lower-cased sentence is about: those of the segments and
+    vessels it names, and 'left'/'right' said as words ("the left coronary system")."""
+    systems = {system_of(key) if kind == "segment" else _VESSEL_SYSTEMS[key]
+               for _, _, kind, key in _mentions(sentence)}
+    systems.update(side for side, pattern in _SIDE_WORDS.items() if pattern.search(sentence))
+    return systems
+
+
+def system_part(text: str, system: str) -> str | None:
+    """The part of a study report that one coronary system's view can show.
+
+    Keeps, in their order and words: every sentence that states dominance, every
+    sentence about a segment or vessel of `system` (or saying "left"/"right" of it,
+    as in "The left system is normal"), and "no disease"-style sentences that name
+    no system (they hold for both). Drops sentences about the other system only and
+    sentences the parser cannot read. For `render`'s output, `parse(system_part(
+    render(f, rng), s))` equals the findings of `s` alone with f's dominance.
+
+    Returns None when the report has no sentence the parser reads (free text,
+    another language): the caller keeps the whole report.
+    """
+    if system not in SYSTEMS:
+        raise ValueError(f"system={system!r}: expected one of {SYSTEMS}")
+    if not parse_result(text).ok:
+        return None
+    kept = []
+    for sentence in _split_sentences(text):
+        normalised = _DASHES.sub("-", sentence.lower())
+        systems = _sentence_systems(normalised)
+        if _read_dominance(normalised) or system in systems:
+            kept.append(sentence)
+        elif not systems and _is_normal_statement(normalised):
+            kept.append(sentence)
+    return " ".join(kept)
+
+
 def _split_sentences(text: str) -> list[str]:
     sentences: list[str] = []
     for piece in _SENTENCE_BREAK.split(text):
