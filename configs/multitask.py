@@ -101,6 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         size=stored_size,
         num_frames=(24, 40) if arg.runlocal else (32, 64),
         seed=0,
+        # About one full view in three is followed by a magnified one (2x or 3x, centred
+        # on a landmark of its system), and each video is paired with the report of
+        # what its view shows ('study': the whole study's report for every video).
+        magnified_fraction=0.3,
+        magnifications=(2, 3),
+        report_scope="view",
     )
     config.input.split = "train"
     config.input.batch_size = 16 if arg.runlocal else 256
@@ -210,6 +216,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split="val",
         batch_size=eval_batch,
         level="video",
+        # A report that states the same findings in other words is the same answer.
+        relevance="findings",
     )
     config.evals.val_captioning = dict(
         type="captioning",
@@ -222,8 +230,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evals.val_mvm = dict(
         type="mvm", log_steps=eval_steps, split="val", batch_size=eval_batch, num_images=4
     )
-    # Probes every label column prepare carried (the synthetic set: significant lesion
-    # and maximum stenosis per system), fitted on the train split.
+    # Linear probes of the frozen encoder, fitted on the train split: on the synthetic
+    # set, what each view shows (dominance, a CTO, a lesion of 70% or more); on your
+    # data, every numeric label column prepare carried (or name them in `labels`).
     config.evals.val_probe = dict(
         type="linear_probe",
         log_steps=eval_steps,
@@ -231,6 +240,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train_split="train",
         batch_size=eval_batch,
     )
+    if not arg.data:
+        config.evals.val_probe.labels = ("right_dominant", "view_cto", "view_severe")
 
     # ------------------------------------------------------ init from another run
     config.init = ml_collections.ConfigDict(dict(workdir="", include="encoder/.*", step=-1))

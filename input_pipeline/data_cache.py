@@ -16,21 +16,50 @@ from typing import Any
 
 from input_pipeline import dataset_format, prepare, synthetic
 
+# Label columns carried into the shards: the study's, then what each video shows
+# (synthetic.MANIFEST_COLUMNS says what each is).
 SYNTHETIC_LABELS = (
     "left_significant",
     "right_significant",
     "left_max_stenosis",
     "right_max_stenosis",
+    "system",
+    "magnification",
+    "landmark",
+    "right_dominant",
+    "view_cto",
+    "view_severe",
+    "view_max_stenosis",
 )
+# Options of config.input.synthetic that may be left out (tests pass bare dicts).
+OPTIONAL = dict(magnified_fraction=0.0, magnifications=(2,), report_scope="study")
+REPORT_COLUMNS = {"study": "Report", "view": "ViewReport"}
+
+
+def _options(options: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {**OPTIONAL, **options}
+    if merged["report_scope"] not in REPORT_COLUMNS:
+        raise ValueError(
+            f"config.input.synthetic.report_scope={merged['report_scope']!r}: choose one of "
+            f"{sorted(REPORT_COLUMNS)} (each video paired with its study's report, or with "
+            "what its view shows)"
+        )
+    return merged
 
 
 def synthetic_dir(options: Mapping[str, Any]) -> str:
     """The cache folder of one synthetic configuration (its options and the renderer's
     version are in the name, so a changed renderer never reuses an old set)."""
+    options = _options(options)
     low, high = options["num_frames"]
+    magnified = ""
+    if options["magnified_fraction"]:
+        zooms = "_".join(str(m) for m in options["magnifications"])
+        magnified = f"-m{options['magnified_fraction']:g}x{zooms}"
     name = (
         f"synthetic-r{synthetic.RENDERER_VERSION}-n{options['num_studies']}"
-        f"-s{options['size']}-f{low}_{high}-seed{options['seed']}"
+        f"-s{options['size']}-f{low}_{high}{magnified}-{options['report_scope']}"
+        f"-seed{options['seed']}"
     )
     return os.path.join(os.path.expanduser(options["cache_dir"]), name)
 
@@ -43,7 +72,12 @@ def ensure_synthetic(
     Process 0 builds it; other processes wait until it is complete (prepare
     renames its folder into place only at the end, so "exists" means "done"),
     which needs `options['cache_dir']` on a filesystem all processes share.
+    Options: cache_dir, num_studies, size, num_frames, seed (synthetic.generate's),
+    and optionally magnified_fraction, magnifications (default: none) and
+    report_scope ('study': each video with its study's report, the default; 'view':
+    with its own report of what its view shows).
     """
+    options = _options(options)
     root = synthetic_dir(options)
     prepared = os.path.join(root, "prepared")
     marker = os.path.join(prepared, dataset_format.META_FILE)
@@ -74,6 +108,8 @@ def ensure_synthetic(
         size=options["size"],
         num_frames=tuple(options["num_frames"]),
         workers=workers,
+        magnified_fraction=options["magnified_fraction"],
+        magnifications=tuple(options["magnifications"]),
     )
     report = prepare.prepare(
         str(manifest),
@@ -81,6 +117,7 @@ def ensure_synthetic(
         size=options["size"],
         workers=workers,
         label_columns=SYNTHETIC_LABELS,
+        report_column=REPORT_COLUMNS[options["report_scope"]],
         overwrite=True,
     )
     if not os.path.exists(marker):

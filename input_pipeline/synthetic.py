@@ -9,6 +9,12 @@ magnification (a left-dominant study's short RCA looks small): segments know
 their report key, stenoses narrow the vessel by their percent, occlusions stop the
 contrast (faint late filling with collaterals), contrast arrives, fills and washes
 out, the heart beats, and a catheter, spine, ribs and noise sit in the field.
+With --magnified_fraction, a full view may be followed by a magnified one (2x, or
+--magnifications 2 3) at the same angles, centred on a fixed landmark of its system
+(the middle of the proximal LAD, the mid RCA, ...), never on a lesion: lumens and
+narrowings grow with it, a lesion keeps its percent. Every video also gets its own
+report, of what its frame shows (its system's lesions, for a magnified view those
+inside the frame, and dominance): the ViewReport column.
 Videos are written as MP4 (libx264), AVI (MJPEG) or multi-frame XA DICOM.
 
 Not for: realistic image statistics or any clinical use, and not a data loader
@@ -50,7 +56,7 @@ from input_pipeline import synthetic_findings
 
 # Bumped whenever a change alters the pixels or findings drawn for a seed; the
 # trainer's synthetic cache is keyed on it (data_cache.synthetic_dir).
-RENDERER_VERSION = 2
+RENDERER_VERSION = 3
 FORMATS = ("mp4", "avi", "dcm")
 MANIFEST_COLUMNS = (
     "FileName",
@@ -63,7 +69,27 @@ MANIFEST_COLUMNS = (
     "right_max_stenosis",
     "view",
     "system",
+    # What this video shows: its magnification (1 for a full view), the landmark a
+    # magnified view is centred on ('' for a full view), its report (the findings
+    # its frame shows, plus dominance) and labels read from that.
+    "magnification",
+    "landmark",
+    "ViewReport",
+    "dominance",
+    "right_dominant",
+    "view_cto",
+    "view_severe",
+    "view_max_stenosis",
 )
+# Magnified views are centred on one of these fixed points (the middle of the named
+# segment), never on a lesion; a study's magnified view uses a landmark of its system.
+LANDMARKS: dict[str, tuple[str, ...]] = {
+    "left": ("prox_lad", "mid_lad", "prox_lcx", "dist_lcx"),
+    "right": ("prox_rca", "mid_rca", "dist_rca"),
+}
+# A lesion shows in a magnified view when the middle of its narrowing lies inside the
+# frame, this many pixels from its border, in at least half the frames.
+_IN_VIEW_MARGIN_PX = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,12 +413,15 @@ def _branch_depth_offsets(anatomy: Anatomy) -> list[float]:
 
 def _project_centerlines(anatomy: Anatomy, system: str, image_right: np.ndarray,
                          image_up: np.ndarray, size: int, fill: float,
-                         shift: np.ndarray) -> _Centerlines:
+                         shift: np.ndarray, magnification: float = 1.0,
+                         centre_point: np.ndarray | None = None) -> _Centerlines:
     """Projects the system's branches, centres them in the frame and resamples each at
     _SPACING_PER_SIGMA times its smallest Gaussian width.
 
-    `fill` is the fraction of the frame that _FIELD_OF_VIEW heart units span (the
-    detector's magnification); the tree's own extent does not change it.
+    `fill` is the fraction of the frame that _FIELD_OF_VIEW heart units span at
+    magnification 1 (the detector's field); the tree's own extent does not change
+    it. `magnification` scales it; `centre_point` (heart coordinates) is put at the
+    frame's centre instead of the middle of the system's extent.
     """
     indices = [i for i, branch in enumerate(anatomy.branches) if branch.system == system]
     projected = {
@@ -402,8 +431,11 @@ def _project_centerlines(anatomy: Anatomy, system: str, image_right: np.ndarray,
     }
     everything = np.concatenate(list(projected.values()))
     low, high = everything.min(axis=0), everything.max(axis=0)
-    pixels_per_unit = fill * size / _FIELD_OF_VIEW
-    centre = 0.5 * (low + high)
+    pixels_per_unit = fill * size * magnification / _FIELD_OF_VIEW
+    if centre_point is None:
+        centre = 0.5 * (low + high)
+    else:
+        centre = np.array([centre_point @ image_right, -(centre_point @ image_up)])
     depth_offsets = _branch_depth_offsets(anatomy)
     columns: dict[str, list[np.ndarray]] = {k: [] for k in
                                             ("xy", "radius", "spacing", "branch", "arc", "depth")}
@@ -671,6 +703,8 @@ def render_video(
     size: int,
     fps: float,
     anatomy: Anatomy | None = None,
+    magnification: float = 1.0,
+    landmark: str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Renders one angiographic run of `view` for a study with these findings.
 
@@ -682,11 +716,18 @@ def render_video(
       size: output height and width in pixels, even, at least 32.
       fps: frame rate; sets the timing of contrast and heartbeat.
       anatomy: the study's tree from `sample_anatomy`; drawn from `rng` when None.
+      magnification: > 1 for a magnified view (vessels, lumens and lesions all
+        scale with it; a lesion keeps its percent).
+      landmark: with magnification > 1, the segment (one of LANDMARKS[system])
+        whose middle the view is centred on, give or take 5% of the frame.
 
     Returns:
       frames: uint8 [T, size, size], vessels dark on a lighter background.
       boxes: segment -> float32 [T, 4] box (x0, y0, x1, y1) in pixel coordinates
-        (column, row; pixel centres at integers) around each lesion of this view.
+        (column, row; pixel centres at integers) around each lesion this view
+        shows: every lesion of its system in a full view; in a magnified view, those
+        whose narrowing lies inside the frame (_IN_VIEW_MARGIN_PX from its border) in
+        at least half the frames.
     """
     if view not in VIEWS:
         raise ValueError(f"view={view!r}: not one of {sorted(VIEWS)}")
@@ -696,6 +737,15 @@ def render_video(
         raise ValueError(f"size={size}: need an even size of at least 32 pixels")
     if fps <= 0:
         raise ValueError(f"fps={fps}: must be positive")
+    system = VIEWS[view].system
+    if magnification < 1:
+        raise ValueError(f"magnification={magnification}: need at least 1")
+    if (magnification > 1) != (landmark is not None):
+        raise ValueError(f"magnification={magnification}, landmark={landmark!r}: a magnified "
+                         "view needs a landmark to centre on, and only a magnified view has one")
+    if landmark is not None and landmark not in LANDMARKS[system]:
+        raise ValueError(f"landmark={landmark!r}: view {view} shows the {system} system; "
+                         f"choose one of {LANDMARKS[system]}")
     if anatomy is None:
         anatomy = sample_anatomy(findings, rng)
     elif anatomy.dominance != findings.dominance:
@@ -711,7 +761,9 @@ def render_video(
                                         spec.secondary_deg + angle_jitter[1])
     lines = _project_centerlines(anatomy, spec.system, image_right, image_up, size,
                                  fill=rng.uniform(0.65, 0.8),
-                                 shift=rng.uniform(-0.05, 0.05, size=2) * size)
+                                 shift=rng.uniform(-0.05, 0.05, size=2) * size,
+                                 magnification=magnification,
+                                 centre_point=_landmark_point(anatomy, landmark))
     effects = _lesion_effects(findings, anatomy, spec.system, lines)
 
     # Contrast: arrives, fills the tree from the ostium outwards, washes out the same way.
@@ -788,12 +840,40 @@ def render_video(
     for segment, region in effects.regions.items():
         if not region.any():
             continue
-        margin = lines.radius[region].max() * lines.pixels_per_unit + 1.0
         region_xy = vessel_xy[:, region]  # [T, R, 2]
+        if magnification > 1:
+            middle = region_xy.mean(axis=1)  # [T, 2]
+            inside = np.all((middle >= _IN_VIEW_MARGIN_PX)
+                            & (middle <= size - 1 - _IN_VIEW_MARGIN_PX), axis=-1)  # [T]
+            if inside.mean() < 0.5:
+                continue
+        margin = lines.radius[region].max() * lines.pixels_per_unit + 1.0
         low = np.clip(region_xy.min(axis=1) - margin, 0, size - 1)  # [T, 2]
         high = np.clip(region_xy.max(axis=1) + margin, 0, size - 1)
         boxes[segment] = np.concatenate([low, high], axis=-1).astype(np.float32)  # [T, 4]
     return frames, boxes
+
+
+def _landmark_point(anatomy: Anatomy, landmark: str | None) -> np.ndarray | None:
+    """The 3D point (heart coordinates) in the middle of the landmark segment, or None."""
+    if landmark is None:
+        return None
+    location = anatomy.segment_location(landmark)
+    if location is None:
+        raise ValueError(f"landmark={landmark!r}: this anatomy does not draw that segment")
+    branch_index, start, end = location
+    branch = anatomy.branches[branch_index]
+    middle = int(np.searchsorted(branch.arc, 0.5 * (start + end)))
+    return branch.points[min(middle, len(branch.arc) - 1)]
+
+
+def view_findings(findings: reports.Findings, system: str,
+                  shown: Sequence[str] | None = None) -> reports.Findings:
+    """What one view shows of a study's findings: the lesions of its system (only those
+    in `shown`, when given) and the dominance."""
+    return reports.Findings({segment: lesion for segment, lesion in findings.lesions.items()
+                             if reports.system_of(segment) == system
+                             and (shown is None or segment in shown)}, findings.dominance)
 
 
 _FF_QP2LAMBDA = 118  # FFmpeg's quantiser -> lambda factor for global_quality
@@ -883,7 +963,8 @@ def write_dicom(path: str | os.PathLike, frames: np.ndarray, fps: int, *, study_
 
 @dataclasses.dataclass(frozen=True)
 class VideoPlan:
-    """One view of a planned study; `rng()` gives the generator its frames come from."""
+    """One view of a planned study; `rng()` gives the generator its frames come from,
+    `report_rng()` the one its view report's phrasing comes from."""
 
     view: str
     num_frames: int
@@ -892,10 +973,16 @@ class VideoPlan:
     seed: int
     study_index: int
     video_index: int
+    magnification: int = 1
+    landmark: str | None = None  # the segment a magnified view is centred on
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(
             np.random.SeedSequence(self.seed, spawn_key=(self.study_index, self.video_index)))
+
+    def report_rng(self) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(
+            self.seed, spawn_key=(self.study_index, self.video_index, _REPORT_STREAM)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -913,7 +1000,18 @@ class StudyPlan:
         """The frames and lesion boxes of one of the study's videos (see render_video)."""
         video = self.videos[video_index]
         return render_video(self.findings, video.view, video.rng(), video.num_frames, size,
-                            video.fps, anatomy=self.anatomy)
+                            video.fps, anatomy=self.anatomy, magnification=video.magnification,
+                            landmark=video.landmark)
+
+    def view_report(self, video_index: int, shown: Sequence[str]) -> tuple[reports.Findings, str]:
+        """What one video shows, as findings and as a report in its own words: the lesions
+        of its system (of a magnified view: those in `shown`, the keys of its boxes) and
+        the dominance."""
+        video = self.videos[video_index]
+        system = VIEWS[video.view].system
+        findings = view_findings(self.findings, system,
+                                 shown if video.magnification > 1 else None)
+        return findings, reports.render(findings, video.report_rng(), system=system)
 
 
 def _uid(*parts: object) -> str:
@@ -922,17 +1020,27 @@ def _uid(*parts: object) -> str:
     return str(generate_uid(entropy_srcs=["/".join(["deepcoro-jax-synthetic", *map(str, parts)])]))
 
 
+_REPORT_STREAM = 1  # spawn-key tails of the random streams beside the frames' own
+_MAGNIFIED_STREAM = 1000
+
+
 def plan_study(
     seed: int,
     index: int,
     num_frames: tuple[int, int] = (32, 64),
     fps_choices: Sequence[int] = (15, 30),
     formats: Sequence[str] = FORMATS,
+    magnified_fraction: float = 0.0,
+    magnifications: Sequence[int] = (2,),
 ) -> StudyPlan:
     """Draws study `index` of the dataset with this seed: findings, report, anatomy and
     2-4 views (one left and one right at least), each with its length, fps and format.
-    Studies are independent: study i is the same whatever the number of studies."""
-    _check_options(num_frames, fps_choices, formats)
+    Each of those full views is followed, with probability `magnified_fraction`, by a
+    magnified view at the same angles (magnification drawn from `magnifications`),
+    centred on a landmark of its system. Studies are independent: study i is the same
+    whatever the number of studies; its full views do not depend on the magnified
+    ones (they come from a random stream of their own)."""
+    _check_options(num_frames, fps_choices, formats, magnified_fraction, magnifications)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
     findings = synthetic_findings.random_findings(rng)
     report = reports.render(findings, rng)
@@ -953,11 +1061,36 @@ def plan_study(
         )
         for video_index, view in enumerate(views)
     )
-    return StudyPlan(index, _uid(seed, index), findings, report, anatomy, videos)
+    magnified_rng = np.random.default_rng(
+        np.random.SeedSequence(seed, spawn_key=(index, _MAGNIFIED_STREAM)))
+    magnified = []
+    for video in videos:
+        draws = magnified_rng.random(), magnified_rng.integers(1 << 30)
+        if draws[0] >= magnified_fraction:
+            continue
+        choice = np.random.default_rng(draws[1])
+        system = VIEWS[video.view].system
+        magnified.append(VideoPlan(
+            view=video.view,
+            num_frames=int(choice.integers(num_frames[0], num_frames[1] + 1)),
+            fps=int(choice.choice(fps_choices)),
+            file_format=str(choice.choice(formats)),
+            seed=seed,
+            study_index=index,
+            video_index=len(videos) + len(magnified),
+            magnification=int(choice.choice(magnifications)),
+            landmark=str(choice.choice(LANDMARKS[system])),
+        ))
+    return StudyPlan(index, _uid(seed, index), findings, report, anatomy, videos + tuple(magnified))
 
 
 def _check_options(num_frames: tuple[int, int], fps_choices: Sequence[int],
-                   formats: Sequence[str]) -> None:
+                   formats: Sequence[str], magnified_fraction: float = 0.0,
+                   magnifications: Sequence[int] = (2,)) -> None:
+    if not 0.0 <= magnified_fraction <= 1.0:
+        raise ValueError(f"magnified_fraction={magnified_fraction}: need a probability in [0, 1]")
+    if not magnifications or any(int(m) != m or m < 2 for m in magnifications):
+        raise ValueError(f"magnifications={magnifications}: need integers of at least 2")
     if len(num_frames) != 2 or not 2 <= num_frames[0] <= num_frames[1]:
         raise ValueError(f"num_frames={num_frames}: need (min, max) with 2 <= min <= max")
     if not fps_choices or any(int(fps) != fps or fps <= 0 for fps in fps_choices):
@@ -988,11 +1121,14 @@ class _StudyJob:
     num_frames: tuple[int, int]
     fps_choices: tuple[int, ...]
     formats: tuple[str, ...]
+    magnified_fraction: float
+    magnifications: tuple[int, ...]
 
 
 def _write_study(job: _StudyJob) -> tuple[list[dict[str, object]], dict[str, object]]:
     """Renders and writes one study; returns its manifest rows and ground-truth entry."""
-    plan = plan_study(job.seed, job.index, job.num_frames, job.fps_choices, job.formats)
+    plan = plan_study(job.seed, job.index, job.num_frames, job.fps_choices, job.formats,
+                      job.magnified_fraction, job.magnifications)
     study_dir = Path("videos") / f"study_{job.index:05d}"
     (Path(job.out_dir) / study_dir).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
@@ -1016,12 +1152,22 @@ def _write_study(job: _StudyJob) -> tuple[list[dict[str, object]], dict[str, obj
                         patient_id=f"SYN{job.index:05d}", view=video.view,
                         series_number=video_index + 1)
         system = VIEWS[video.view].system
-        rows.append({"FileName": file_name, "Split": job.split, "Report": plan.report,
-                     "StudyInstanceUID": plan.study_uid, **labels, "view": video.view,
-                     "system": system})
+        shown, view_report = plan.view_report(video_index, list(boxes))
+        rows.append({
+            "FileName": file_name, "Split": job.split, "Report": plan.report,
+            "StudyInstanceUID": plan.study_uid, **labels, "view": video.view, "system": system,
+            "magnification": video.magnification, "landmark": video.landmark or "",
+            "ViewReport": view_report, "dominance": plan.findings.dominance,
+            "right_dominant": int(plan.findings.dominance == "right"),
+            "view_cto": int(any(lesion.cto for lesion in shown.lesions.values())),
+            "view_severe": int(reports.max_stenosis(shown) >= 70.0),
+            "view_max_stenosis": reports.max_stenosis(shown),
+        })
         videos.append({
             "file": file_name, "view": video.view, "system": system,
             "format": video.file_format, "num_frames": video.num_frames, "fps": video.fps,
+            "magnification": video.magnification, "landmark": video.landmark,
+            "view_report": view_report, "view_findings": reports.to_json(shown),
             "series_uid": series_uid,
             "lesion_boxes": {segment: np.round(box, 2).tolist()
                              for segment, box in boxes.items()},
@@ -1043,6 +1189,8 @@ def generate(
     formats: Sequence[str] = FORMATS,
     sep: str = "α",
     workers: int = 1,
+    magnified_fraction: float = 0.0,
+    magnifications: Sequence[int] = (2,),
 ) -> Path:
     """Writes `num_studies` synthetic studies into out_dir and returns the manifest path.
 
@@ -1050,9 +1198,11 @@ def generate(
     MANIFEST_COLUMNS, separated by `sep`, FileName relative to out_dir) and
     ground_truth.json ({"seed", "size", "studies": [{"index", "study_uid", "split",
     "report", "findings" (reports.to_json), "videos": [{"file", "view", "system",
-    "format", "num_frames", "fps", "series_uid", "lesion_boxes": {segment: [T x
-    [x0, y0, x1, y1]]}}]}]}). The same arguments give the same frames whatever
-    `workers` is (studies are seeded independently).
+    "format", "num_frames", "fps", "magnification", "landmark", "view_report",
+    "view_findings", "series_uid", "lesion_boxes": {segment: [T x [x0, y0, x1,
+    y1]]}}]}]}). `magnified_fraction` and `magnifications` add magnified views (see
+    `plan_study`). The same arguments give the same frames whatever `workers` is
+    (studies are seeded independently).
     """
     if num_studies < 1:
         raise ValueError(f"num_studies={num_studies}: need at least 1")
@@ -1062,12 +1212,12 @@ def generate(
         raise ValueError(f"sep={sep!r}: need one character other than a quote or newline")
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least 1")
-    _check_options(num_frames, fps_choices, formats)
+    _check_options(num_frames, fps_choices, formats, magnified_fraction, magnifications)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [
         _StudyJob(seed, index, split, str(out_dir), size, tuple(num_frames), tuple(fps_choices),
-                  tuple(formats))
+                  tuple(formats), float(magnified_fraction), tuple(magnifications))
         for index, split in enumerate(assign_splits(num_studies, seed))
     ]
     if workers == 1:
@@ -1100,6 +1250,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="comma-separated subset of mp4,avi,dcm drawn from per video")
     parser.add_argument("--sep", default="α", help="manifest separator")
+    parser.add_argument("--magnified_fraction", type=float, default=0.0,
+                        help="chance that a full view is followed by a magnified one")
+    parser.add_argument("--magnifications", type=int, nargs="+", default=[2],
+                        help="magnifications drawn from per magnified view")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if len(args.num_frames) not in (1, 2):
@@ -1109,7 +1263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.out, args.num_studies, args.seed, size=args.size,
         num_frames=(args.num_frames[0], args.num_frames[-1]), fps_choices=args.fps,
         formats=[name.strip() for name in args.formats.split(",") if name.strip()],
-        sep=args.sep, workers=args.workers)
+        sep=args.sep, workers=args.workers, magnified_fraction=args.magnified_fraction,
+        magnifications=args.magnifications)
     print(f"wrote {args.num_studies} studies, manifest {manifest}, "
           f"in {time.perf_counter() - start:.1f} s")
 

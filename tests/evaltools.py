@@ -31,7 +31,8 @@ from deepcoro_jax.models import multitask
 from deepcoro_jax.training import run, sharding
 from evaluators import common
 
-SYNTHETIC = dict(num_studies=8, size=32, num_frames=(8, 12), seed=0)
+SYNTHETIC = dict(num_studies=8, size=32, num_frames=(8, 12), seed=0, magnified_fraction=0.3,
+                 magnifications=(2, 3), report_scope="view")
 
 
 def micro_config() -> ml_collections.ConfigDict:

@@ -200,6 +200,49 @@ def test_render_rejects_bad_arguments():
                                "LAO", np.random.default_rng(0), 8, SIZE, FPS, anatomy=anatomy)
 
 
+def test_a_magnified_view_is_centred_on_its_landmark_and_keeps_the_percent():
+    """The same run at 1x and 2x (same rng, same tree): the lesion beside the landmark is
+    near the frame's centre and about twice as large; a lesion far away leaves the frame
+    and the view's boxes; the narrowing still brightens the lumen as at 1x."""
+    findings = reports.Findings({"mid_lad": reports.Lesion(90.0),
+                                 "dist_lcx": reports.Lesion(80.0)}, "right")
+    anatomy = synthetic.sample_anatomy(findings, np.random.default_rng(0))
+    render = lambda m, landmark, f=findings: synthetic.render_video(
+        f, "RAO_cranial", np.random.default_rng(1), 24, 96, FPS, anatomy=anatomy,
+        magnification=m, landmark=landmark)
+    _, full_boxes = render(1, None)
+    zoomed, zoomed_boxes = render(2, "mid_lad")
+    assert set(full_boxes) == {"mid_lad", "dist_lcx"}
+    assert set(zoomed_boxes) == {"mid_lad"}  # the distal LCx lies outside the 2x frame
+    centre = 0.5 * (zoomed_boxes["mid_lad"][:, :2] + zoomed_boxes["mid_lad"][:, 2:])  # [T, 2]
+    assert np.all(np.abs(centre - 47.5) < 0.2 * 96)
+    extent = lambda box: np.linalg.norm(box[:, 2:] - box[:, :2], axis=-1).mean()
+    assert 1.6 < extent(zoomed_boxes["mid_lad"]) / extent(full_boxes["mid_lad"]) < 2.4
+    normal, _ = render(2, "mid_lad", reports.Findings({}, "right"))
+    filled, box = range(8, 14), zoomed_boxes["mid_lad"]
+    assert _box_mean(zoomed, box, filled) > _box_mean(normal, box, filled) + 4
+    with pytest.raises(ValueError, match="needs a landmark"):
+        render(2, None)
+    with pytest.raises(ValueError, match="choose one of"):
+        render(2, "mid_rca")
+
+
+def test_magnified_views_are_added_after_the_unchanged_full_views():
+    plain = synthetic.plan_study(SEED, 3)
+    mixed = synthetic.plan_study(SEED, 3, magnified_fraction=1.0, magnifications=(2, 3))
+    assert mixed.videos[:len(plain.videos)] == plain.videos
+    added = mixed.videos[len(plain.videos):]
+    assert len(added) == len(plain.videos)
+    for full, magnified in zip(plain.videos, added, strict=True):
+        assert magnified.view == full.view and magnified.magnification in (2, 3)
+        assert magnified.landmark in synthetic.LANDMARKS[synthetic.VIEWS[full.view].system]
+    assert [v.video_index for v in mixed.videos] == list(range(len(mixed.videos)))
+    with pytest.raises(ValueError, match="magnified_fraction"):
+        synthetic.plan_study(SEED, 3, magnified_fraction=1.5)
+    with pytest.raises(ValueError, match="magnifications"):
+        synthetic.plan_study(SEED, 3, magnified_fraction=0.5, magnifications=(1,))
+
+
 # ------------------------------------------------------------------------------ files
 
 
@@ -207,7 +250,8 @@ def test_render_rejects_bad_arguments():
 def dataset(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("synthetic")
     manifest_path = synthetic.generate(out_dir, NUM_STUDIES, SEED, size=SIZE,
-                                       num_frames=(12, 20))
+                                       num_frames=(12, 20), magnified_fraction=0.5,
+                                       magnifications=(2, 3))
     with open(manifest_path, encoding="utf-8", newline="") as manifest:
         rows = list(csv.DictReader(manifest, delimiter="α"))
     with open(out_dir / "ground_truth.json", encoding="utf-8") as truth_file:
@@ -231,12 +275,30 @@ def test_manifest_columns_labels_and_splits_by_study(dataset):
             assert int(row[f"{system}_significant"]) == reports.has_significant(findings, system)
             assert float(row[f"{system}_max_stenosis"]) == reports.max_stenosis(findings, system)
         assert row["system"] == synthetic.VIEWS[row["view"]].system
+        video = next(v for v in study["videos"] if v["file"] == row["FileName"])
+        shown = reports.from_json(video["view_findings"])
+        assert video["view_report"] == row["ViewReport"]
+        assert reports.parse(row["ViewReport"]) == shown
+        of_system = {s for s in findings.lesions if reports.system_of(s) == row["system"]}
+        if row["magnification"] == "1":
+            assert row["landmark"] == "" and set(shown.lesions) == of_system
+        else:
+            assert row["landmark"] in synthetic.LANDMARKS[row["system"]]
+            assert set(shown.lesions) == set(video["lesion_boxes"]) <= of_system
+        assert all(shown.lesions[s] == findings.lesions[s] for s in shown.lesions)
+        assert shown.dominance == findings.dominance == row["dominance"]
+        assert int(row["right_dominant"]) == (findings.dominance == "right")
+        assert int(row["view_cto"]) == any(lesion.cto for lesion in shown.lesions.values())
+        assert int(row["view_severe"]) == (reports.max_stenosis(shown) >= 70)
+        assert float(row["view_max_stenosis"]) == reports.max_stenosis(shown)
+    assert {row["magnification"] for row in rows} == {"1", "2", "3"}
     uids = [*studies, *(video["series_uid"] for study in studies.values()
                         for video in study["videos"])]
     assert len(set(uids)) == len(uids)
     for study in studies.values():
-        systems = {video["system"] for video in study["videos"]}
-        assert systems == {"left", "right"} and 2 <= len(study["videos"]) <= 4
+        full = [video for video in study["videos"] if video["magnification"] == 1]
+        assert {video["system"] for video in full} == {"left", "right"} and 2 <= len(full) <= 4
+        assert len(study["videos"]) <= 2 * len(full)
     assert sorted(study["split"] for study in studies.values()) == ["test", "train", "train",
                                                                     "val"]
 
@@ -255,7 +317,8 @@ def test_files_decode_to_the_rendered_frames(dataset):
     assert {video["format"] for _, video in videos.values()} == set(synthetic.FORMATS)
     for row in rows:
         study, video = videos[row["FileName"]]
-        plan = synthetic.plan_study(SEED, study["index"], num_frames=(12, 20))
+        plan = synthetic.plan_study(SEED, study["index"], num_frames=(12, 20),
+                                    magnified_fraction=0.5, magnifications=(2, 3))
         video_index = study["videos"].index(video)
         expected, boxes = plan.render(video_index, SIZE)
         assert expected.shape == (video["num_frames"], SIZE, SIZE)
