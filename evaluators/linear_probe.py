@@ -10,8 +10,10 @@ on the eval split:
 - a label whose values (both splits, missing ones aside) are all 0 or 1 is
   binary: an L2-regularised logistic regression gives '<label>/auroc' and its
   bootstrap 95% CI '<label>/auroc_ci_low', '<label>/auroc_ci_high' (resampling
-  the eval examples; seeded);
-- any other label is continuous: ridge regression gives '<label>/mae';
+  the eval examples; seeded), beside '<label>/base_rate', the eval examples'
+  fraction of positives;
+- any other label is continuous: ridge regression gives '<label>/mae', beside
+  '<label>/baseline_mae', the error of predicting the train median for every example;
 - '<label>/num_examples' counts the eval examples scored. Rows whose label is
   missing (NaN) are left out of both the fit and the score. A label that cannot
   be probed (no labelled rows, one class only in either split) is skipped with
@@ -212,7 +214,9 @@ def probe_metrics(
     """Fits one probe on the labelled train rows and scores it on the labelled eval rows.
 
     Binary labels (``is_binary`` over both splits): 'auroc', 'auroc_ci_low',
-    'auroc_ci_high' (when ``bootstrap`` > 0); continuous: 'mae'; both
+    'auroc_ci_high' (when ``bootstrap`` > 0) and 'base_rate' (the eval rows'
+    fraction of positives; chance AUROC is 0.5 whatever it is); continuous: 'mae'
+    and 'baseline_mae' (predicting the train median for every row); both
     'num_examples'. Returns {} (and logs why, naming `label`) when the label
     cannot be probed.
     """
@@ -228,7 +232,11 @@ def probe_metrics(
     if not is_binary(train_labels, eval_labels):
         head = fit_ridge(train_features, train_labels, l2)
         mae = mean_absolute_error(eval_labels, head.predict(eval_features))
-        return {"mae": float(mae), "num_examples": float(len(eval_labels))}
+        # What knowing nothing of the video gives: the train median for every example.
+        baseline = mean_absolute_error(eval_labels, np.full_like(eval_labels,
+                                                                 np.median(train_labels)))
+        return {"mae": float(mae), "baseline_mae": float(baseline),
+                "num_examples": float(len(eval_labels))}
     for split, values in (("train", train_labels), ("eval", eval_labels)):
         if len(np.unique(values)) != 2:
             logging.warning("linear probe %r skipped: the %s rows hold one class only", label,
@@ -236,7 +244,8 @@ def probe_metrics(
             return {}
     head = fit_logistic(train_features, train_labels, l2)
     scores = head.predict(eval_features)
-    metrics = {"auroc": auroc(scores, eval_labels), "num_examples": float(len(eval_labels))}
+    metrics = {"auroc": auroc(scores, eval_labels), "base_rate": float(eval_labels.mean()),
+               "num_examples": float(len(eval_labels))}
     if bootstrap:
         low, high = bootstrap_auroc_ci(scores, eval_labels, bootstrap, seed)
         metrics.update(auroc_ci_low=low, auroc_ci_high=high)
@@ -294,7 +303,8 @@ class Evaluator(common.Evaluator):
             labels = numeric
         self.train_split, self.labels = train_split, list(labels)
         # What the trainer prints: each label's AUROC or MAE (whichever it gets).
-        self.HEADLINE = tuple(f"{c}/{m}" for c in self.labels for m in ("auroc", "mae"))
+        self.HEADLINE = tuple(f"{c}/{m}" for c in self.labels
+                              for m in ("auroc", "base_rate", "mae", "baseline_mae"))
         self.l2, self.bootstrap, self.seed = float(l2), int(bootstrap), seed
         self._embed_videos = common.video_embedder(self.predict_fns, spec)
 

@@ -30,18 +30,20 @@ Conventions, shared by every function here:
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.special import gammaln
 
 from deepcoro_jax.domain import reports
 from evaluators import common
 
 # Queries per chunk are chosen so a chunk's temporaries stay near this many elements.
 _CHUNK_ELEMENTS = 1 << 23
+_RESAMPLES_PER_CHUNK = 100
 
 
 def _check_inputs(sim: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -265,22 +267,92 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
     return float((total @ total - n) / (n * (n - 1)))  # the Gram matrix's sum minus its diagonal
 
 
+def _miss_probability(n: np.ndarray, r: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """P(no relevant candidate among the first k of n in random order, r of them relevant)
+    = C(n-r, k) / C(n, k), elementwise, for 0 <= k <= n (log-gamma: no huge integers)."""
+    n, r, k = (np.asarray(x, np.float64) for x in np.broadcast_arrays(n, r, k))
+    possible = n - r >= k
+    safe = np.where(possible, n - r - k, 0.0)
+    log_ratio = gammaln(safe + k + 1) - gammaln(safe + 1) - gammaln(n + 1) + gammaln(n - k + 1)
+    return np.where(possible, np.exp(np.where(possible, log_ratio, 0.0)), 0.0)
+
+
 def chance_recall(num_relevant: np.ndarray, num_candidates: int, k: int) -> float:
     """The expected Recall@K of a uniformly random ranking, averaged over queries.
 
     A query with r relevant of C candidates has its first hit in the top K
-    with probability 1 - C(C-r, K) / C(C, K).
+    with probability 1 - C(C-r, K) / C(C, K). Queries with r = 0 are left out.
     """
     k = min(k, num_candidates)
     num_relevant = np.asarray(num_relevant)
     num_relevant = num_relevant[num_relevant > 0]
-    miss = [
-        math.comb(num_candidates - r, k) / math.comb(num_candidates, k) for r in num_relevant
-    ]
-    return float(1.0 - np.mean(miss))
+    return float(1.0 - np.mean(_miss_probability(num_candidates, num_relevant, k)))
+
+
+def oracle_recall(relevant: np.ndarray, first: np.ndarray, k: int) -> np.ndarray:
+    """[Q'] each query's expected Recall@K under an oracle that knows only which
+    candidates go `first`: it ranks them first and the rest after, each group in
+    random order (what it cannot tell apart, it can only guess).
+
+    relevant, first: [Q, C] booleans. With n1 candidates first, r1 of them relevant
+    (n2, r2 the rest), the first hit is in the top K with probability
+    1 - C(n1-r1, K) / C(n1, K) when r1 > 0 and K < n1; 1 when r1 > 0 and K >= n1;
+    else 1 - C(n2-r2, K-n1) / C(n2, K-n1) for K > n1 (0 for K <= n1). `first` all
+    True gives `chance_recall`; `first` equal to `relevant` gives 1. Queries without
+    a relevant candidate are left out, as in `retrieval_metrics`.
+    """
+    relevant, first = np.asarray(relevant, bool), np.asarray(first, bool)
+    if relevant.shape != first.shape or relevant.ndim != 2:
+        raise ValueError(f"relevant {relevant.shape} and first {first.shape} must be the same "
+                         "[queries, candidates] shape")
+    k = min(int(k), relevant.shape[1])
+    keep = relevant.any(axis=1)
+    relevant, first = relevant[keep], first[keep]
+    n1 = first.sum(axis=1)
+    r1 = (relevant & first).sum(axis=1)
+    n2 = relevant.shape[1] - n1
+    r2 = relevant.sum(axis=1) - r1
+    in_first = 1.0 - _miss_probability(n1, r1, np.minimum(k, n1))
+    in_rest = 1.0 - _miss_probability(n2, r2, np.clip(k - n1, 0, n2))
+    return np.where(r1 > 0, in_first, np.where(k > n1, in_rest, 0.0))
+
+
+def recall_ci(ranks: np.ndarray, k: int, *, num_resamples: int = 1000, seed: int = 0,
+              level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap percentile interval of Recall@K over queries.
+
+    ranks: [Q] 1-based first-relevant ranks of the queries that have a relevant
+    candidate (as `retrieval_metrics` computes them). Resamples the queries with
+    replacement `num_resamples` times (seeded) and returns the (1 - level) / 2 and
+    (1 + level) / 2 quantiles of the resampled Recall@K.
+    """
+    hits = (np.asarray(ranks) <= k).astype(np.float64)  # [Q]
+    if not len(hits) or num_resamples < 1:
+        raise ValueError(f"recall_ci: need queries ({len(hits)}) and resamples ({num_resamples})")
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, num_resamples, _RESAMPLES_PER_CHUNK):
+        count = min(_RESAMPLES_PER_CHUNK, num_resamples - start)
+        means.append(hits[rng.integers(len(hits), size=(count, len(hits)))].mean(axis=1))
+    low, high = np.quantile(np.concatenate(means), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def findings_key(text: str) -> str:
+    """What a report states, as a string: its parsed findings (`reports.parse`) in
+    canonical JSON. Reports that say the same thing in other words get the same key."""
+    return json.dumps(reports.to_json(reports.parse(text)), sort_keys=True)
+
+
+def key_relevance(query_keys: Sequence[str], candidate_keys: Sequence[str]) -> np.ndarray:
+    """[Q, C] bool: candidate c is relevant to query q when their keys are equal."""
+    return np.asarray(query_keys, object)[:, None] == np.asarray(candidate_keys, object)[None, :]
 
 
 LEVELS = ("video", "study")
+RELEVANCE = ("text", "findings")
+# Label columns the anatomy oracle knows of a video, where prepare carried them.
+ANATOMY_COLUMNS = ("system", "landmark", "magnification")
 # Above this mean cosine between distinct items, a tower's embeddings point one way.
 COLLAPSED_COSINE = 0.99
 
@@ -302,19 +374,38 @@ class Evaluator(common.Evaluator):
 
     Queries of video->report are the split's videos (``level='video'``) or its
     studies (``level='study'``: the normalised mean of the study's video
-    embeddings); candidates are the split's distinct report texts, and a
-    candidate is relevant when it is the query's report (identical reports are
-    one candidate). report->video swaps the two. Metrics, prefixed ``v2t_`` and
-    ``t2v_``: everything ``retrieval_metrics`` returns, plus for video->report
-    the Recall@K per stratum of the study's most severe finding and the Recall@K
-    a random ranking would get (``v2t_chance_recall@K``); ``alignment`` is the
-    mean cosine of true pairs; ``query_mean_cosine`` and ``report_mean_cosine``
-    the mean cosine between distinct queries and between distinct candidates
-    (near 1: the embedding has collapsed and ignores its input).
+    embeddings); candidates are the split's distinct report texts (identical
+    reports are one candidate). A candidate is relevant to a query when it is the
+    query's own report (``relevance='text'``) or when it states the same findings
+    (``relevance='findings'``: `findings_key`, so reports that say the same thing
+    in other words are the same answer). report->video swaps the two.
+
+    Metrics, prefixed ``v2t_`` and ``t2v_``: everything ``retrieval_metrics``
+    returns, with a bootstrap 95% interval over queries for each Recall@K
+    (``..._recall@K_ci_low``/``_ci_high``; ``bootstrap`` resamples, 0: none);
+    for video->report the Recall@K per stratum of the query's most severe finding
+    and in queries whose report has a CTO (``v2t_<stratum>/recall@K``,
+    ``v2t_cto/recall@K``). Beside them, on the same queries and candidates, what a
+    model could reach without the embeddings (expected values, `oracle_recall`):
+    ``v2t_chance_recall@K`` (a random ranking); ``oracle_anatomy_recall@K`` (knows
+    each video's anatomy, the ``anatomy_columns`` labels such as its system,
+    landmark and magnification, and the dominance its report states: it ranks
+    first the candidates written for videos of the same anatomy, in random order;
+    video level, where the data carries such a column); ``oracle_findings_recall@K``
+    (knows that and every finding the query's report states; 1 with
+    ``relevance='findings'``); and the same per stratum and for CTOs
+    (``v2t_<subset>/{chance,oracle_anatomy,oracle_findings}_recall@K``).
+    ``alignment`` is the mean cosine of true pairs; ``query_mean_cosine`` and
+    ``report_mean_cosine`` the mean cosine between distinct queries and between
+    distinct candidates (near 1: the embedding has collapsed and ignores its input).
     """
 
     PREDICT = ("encode_video", "encode_text")
-    HEADLINE = ("v2t_recall@1", "v2t_recall@5", "v2t_chance_recall@5", "t2v_recall@5", "alignment")
+    HEADLINE = (
+        "v2t_recall@1", "v2t_recall@1_ci_low", "v2t_recall@1_ci_high", "v2t_chance_recall@1",
+        "oracle_anatomy_recall@1", "oracle_findings_recall@1", "v2t_recall@5",
+        "v2t_chance_recall@5", "oracle_anatomy_recall@5", "t2v_recall@5", "alignment",
+    )
 
     def __init__(
         self,
@@ -323,14 +414,35 @@ class Evaluator(common.Evaluator):
         *,
         level: str = "video",
         ks: Sequence[int] = (1, 5, 10, 50),
+        relevance: str = "text",
+        anatomy_columns: Sequence[str] | None = None,
+        bootstrap: int = 1000,
+        seed: int = 0,
         **base: Any,
     ):
+        from input_pipeline import dataset_format  # TensorFlow
+
         super().__init__(predict_fns, spec, **base)
         if level not in LEVELS:
             raise ValueError(f"{self.where}.level={level!r}: choose one of {LEVELS}")
-        self.level = level
+        if relevance not in RELEVANCE:
+            raise ValueError(f"{self.where}.relevance={relevance!r}: choose one of {RELEVANCE}")
+        if bootstrap < 0:
+            raise ValueError(f"{self.where}.bootstrap={bootstrap} must be at least 0")
+        self.level, self.relevance = level, relevance
+        self.bootstrap, self.seed = int(bootstrap), int(seed)
         self.ks = _check_ks(ks)
         common.require_split(spec, self.split)
+        carried = dataset_format.load_meta(spec.data_dir).label_columns
+        if anatomy_columns is None:
+            anatomy_columns = [column for column in ANATOMY_COLUMNS if column in carried]
+        elif isinstance(anatomy_columns, str):
+            raise ValueError(f"{self.where}.anatomy_columns={anatomy_columns!r} must be a list")
+        missing = [column for column in anatomy_columns if column not in carried]
+        if missing:
+            raise ValueError(f"{self.where}.anatomy_columns: {missing} are not label columns of "
+                             f"{spec.data_dir}; it has {sorted(carried)}")
+        self.anatomy_columns = list(anatomy_columns)
         self._embed_videos = common.video_embedder(self.predict_fns, spec)
         self._embed_texts = common.jit_replicated(self.predict_fns["encode_text"], spec.mesh)
 
@@ -346,27 +458,50 @@ class Evaluator(common.Evaluator):
         )
         facts = common.join_rows(common.split_table(self.spec.data_dir, self.split), out["row"])
         query_emb, query_reports = out["video_emb"], facts["report"]
+        anatomy = None
         if self.level == "study":
             query_emb, _, study_of_video = common.study_mean(query_emb, facts["study_id"])
             first_video = np.unique(study_of_video, return_index=True)[1]
+            pairs = set(zip(study_of_video.tolist(), query_reports.tolist(), strict=True))
+            if len(pairs) > len(first_video):
+                logging.warning(
+                    "%s: the videos of a study carry different reports (per-view reports?); "
+                    "each study is matched with its first video's report", self.name)
             query_reports = query_reports[first_video]
+        elif self.anatomy_columns:
+            anatomy = [tuple(str(facts[f"label/{column}"][i]) for column in self.anatomy_columns)
+                       for i in range(len(query_reports))]
         candidates, report_index = unique_reports(query_reports.tolist())
         text_emb = common.encode_texts(
             self.spec, self._embed_texts, params, candidates, self.batch_size
         )
         sim = query_emb.astype(np.float32) @ text_emb.astype(np.float32).T  # [Q, R]
-        v2t_relevant, t2v_relevant = relevance_matrices(report_index, len(candidates))
-        metrics = {f"v2t_{k}": v for k, v in retrieval_metrics(sim, v2t_relevant, self.ks).items()}
-        metrics.update(
-            {f"t2v_{k}": v for k, v in retrieval_metrics(sim.T, t2v_relevant, self.ks).items()}
-        )
-        strata = [reports.stratum(reports.parse(text)) for text in query_reports]
+        candidate_findings = [reports.parse(text) for text in candidates]
+        candidate_keys = [findings_key(text) for text in candidates]
+        query_keys = [candidate_keys[i] for i in report_index]
+        if self.relevance == "findings":
+            v2t_relevant = key_relevance(query_keys, candidate_keys)
+            t2v_relevant = v2t_relevant.T.copy()
+        else:
+            v2t_relevant, t2v_relevant = relevance_matrices(report_index, len(candidates))
+        metrics = {}
+        for direction, direction_sim, relevant in (("v2t", sim, v2t_relevant),
+                                                   ("t2v", sim.T, t2v_relevant)):
+            found = retrieval_metrics(direction_sim, relevant, self.ks)
+            metrics.update({f"{direction}_{k}": v for k, v in found.items()})
+            if self.bootstrap:
+                ranks = _first_relevant_ranks(direction_sim, relevant)
+                for k in self.ks:
+                    low, high = recall_ci(ranks[ranks > 0], min(k, direction_sim.shape[1]),
+                                          num_resamples=self.bootstrap, seed=self.seed)
+                    metrics[f"{direction}_recall@{k}_ci_low"] = low
+                    metrics[f"{direction}_recall@{k}_ci_high"] = high
+        query_findings = [candidate_findings[i] for i in report_index]
+        strata = [reports.stratum(findings) for findings in query_findings]
         stratified = stratified_recall(sim, v2t_relevant, strata, self.ks)
         metrics.update({f"v2t_{k}": v for k, v in stratified.items()})
-        for k in self.ks:
-            metrics[f"v2t_chance_recall@{k}"] = chance_recall(
-                v2t_relevant.sum(axis=1), len(candidates), k
-            )
+        metrics.update(self._ceilings(sim, v2t_relevant, report_index, query_keys,
+                                      candidate_keys, anatomy, query_findings, strata))
         metrics["alignment"] = alignment(query_emb, text_emb[report_index])
         for key, emb in (("query_mean_cosine", query_emb), ("report_mean_cosine", text_emb)):
             if len(emb) > 1:
@@ -379,4 +514,51 @@ class Evaluator(common.Evaluator):
                 "embeddings' in docs/training.md",
                 self.name, tower, cosine, tower, COLLAPSED_COSINE,
             )
+        return metrics
+
+    def _ceilings(self, sim: np.ndarray, relevant: np.ndarray, report_index: np.ndarray,
+                  query_keys: Sequence[str], candidate_keys: Sequence[str],
+                  anatomy: Sequence[tuple[str, ...]] | None,
+                  query_findings: Sequence[reports.Findings],
+                  strata: Sequence[str]) -> dict[str, float]:
+        """Chance and the oracles' Recall@K (video->report), overall and per subset of
+        queries, and the model's Recall@K in queries with a CTO."""
+        num_candidates = relevant.shape[1]
+        same_findings = key_relevance(query_keys, candidate_keys)  # [Q, R]
+        firsts = {"chance": np.ones_like(relevant)}
+        if anatomy is not None:
+            # The anatomy of a candidate: those of the videos it was written for.
+            dominance = [findings.dominance for findings in query_findings]
+            keys = [(*a, d) for a, d in zip(anatomy, dominance, strict=True)]
+            ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+            anatomy_id = np.array([ids[key] for key in keys])  # [Q]
+            candidate_has = np.zeros((num_candidates, len(ids)), bool)
+            candidate_has[report_index, anatomy_id] = True
+            same_anatomy = candidate_has[:, anatomy_id].T  # [Q, R]
+            firsts["oracle_anatomy"] = same_anatomy
+            firsts["oracle_findings"] = same_anatomy & same_findings
+        else:
+            firsts["oracle_findings"] = same_findings
+        has_relevant = relevant.any(axis=1)
+        subsets = {stratum: np.asarray(strata) == stratum for stratum in reports.STRATA}
+        subsets["cto"] = np.array([any(lesion.cto for lesion in f.lesions.values())
+                                   for f in query_findings], bool)
+        metrics = {}
+        for k in self.ks:
+            for kind, first in firsts.items():
+                expected = oracle_recall(relevant, first, k)  # [Q'], queries with a relevant one
+                if kind != "chance":
+                    metrics[f"{kind}_recall@{k}"] = float(expected.mean())
+                for subset, mask in subsets.items():
+                    if mask[has_relevant].any():
+                        value = float(expected[mask[has_relevant]].mean())
+                        metrics[f"v2t_{subset}/{kind}_recall@{k}"] = value
+            metrics[f"v2t_chance_recall@{k}"] = chance_recall(
+                relevant.sum(axis=1), num_candidates, k)
+        ranks = _first_relevant_ranks(sim, relevant)
+        cto_ranks = ranks[subsets["cto"] & (ranks > 0)]
+        metrics["v2t_cto/num_queries"] = float(len(cto_ranks))
+        for k in self.ks:
+            if len(cto_ranks):
+                metrics[f"v2t_cto/recall@{k}"] = float(np.mean(cto_ranks <= min(k, num_candidates)))
         return metrics

@@ -16,7 +16,9 @@ from deepcoro_jax.training import sharding
 from evaluators import common, linear_probe
 
 SPLIT = "train"  # the tiny set's largest split: the probe is fitted and scored on it
-LABELS = ("left_significant", "right_significant", "left_max_stenosis", "right_max_stenosis")
+# The numeric label columns of the synthetic set (system and landmark are text).
+LABELS = ("left_significant", "right_significant", "left_max_stenosis", "right_max_stenosis",
+          "magnification", "right_dominant", "view_cto", "view_severe", "view_max_stenosis")
 
 
 def mann_whitney_auroc(scores, labels):
@@ -117,6 +119,7 @@ def test_a_separable_problem_gives_auroc_one():
     assert metrics["auroc_ci_low"] == pytest.approx(1.0, abs=1e-12)  # roc_auc_score's rounding
     assert metrics["auroc_ci_high"] == pytest.approx(1.0, abs=1e-12)
     assert metrics["num_examples"] == 100
+    assert metrics["base_rate"] == eval_y.mean()
 
 
 def test_logistic_head_satisfies_the_optimality_condition():
@@ -147,8 +150,11 @@ def test_ridge_recovers_a_known_linear_map(num_examples):
         eval_x = rng.normal(size=(50, 4))
         metrics = linear_probe.probe_metrics(features, labels, eval_x, eval_x @ true_map + 7.0,
                                              l2=1e-6, bootstrap=0, seed=0)
-        assert metrics.keys() == {"mae", "num_examples"}
+        assert metrics.keys() == {"mae", "baseline_mae", "num_examples"}
         assert metrics["mae"] < 1e-3
+        eval_y = eval_x @ true_map + 7.0
+        np.testing.assert_allclose(metrics["baseline_mae"],
+                                   np.mean(np.abs(eval_y - np.median(labels))), rtol=1e-12)
     else:  # fewer examples than features: the minimum-norm interpolant
         np.testing.assert_allclose(head.predict(features), labels, atol=1e-4)
     # Closed form on the standardised features, solved here the other way round.
@@ -228,14 +234,17 @@ def test_plugin_equals_a_probe_on_clip_by_clip_embeddings(plugin, synthetic_data
     metrics = plugin["metrics8"]
     # The tiny train split has no right-sided significant lesion: one class, skipped.
     assert np.all(table["label/right_significant"] == 0)
-    assert {key.split("/")[0] for key in metrics} == set(LABELS) - {"right_significant"}
+    probed = set()
     for column in LABELS:
         labels = table[f"label/{column}"]
         expected = linear_probe.probe_metrics(features, labels, features, labels, l2=1.0,
                                               bootstrap=200, seed=1)
+        probed.update([column] if expected else [])
         for key, value in expected.items():
             np.testing.assert_allclose(metrics[f"{column}/{key}"], value, rtol=1e-4, atol=1e-6,
                                        err_msg=f"{column}/{key}")
+    assert "right_significant" not in probed and "left_significant" in probed
+    assert {key.split("/")[0] for key in metrics} == probed
     labels = table["label/left_significant"]
     head = linear_probe.fit_logistic(features, labels, 1.0)
     np.testing.assert_allclose(metrics["left_significant/auroc"],

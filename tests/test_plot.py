@@ -182,3 +182,27 @@ def test_bad_metrics_files_are_clear_errors(tmp_path, capsys, lines, message):
     with pytest.raises(SystemExit, match=message) as raised:
         plot.main([run])
     assert "metrics.jsonl" in str(raised.value)
+
+
+def test_ceilings_and_baselines_are_horizontal_lines_at_their_value(tmp_path):
+    records = [
+        {"step": step, "r/v2t_recall@1": value, "r/v2t_chance_recall@1": 0.02,
+         "r/oracle_anatomy_recall@1": 0.3, "r/oracle_findings_recall@1": 1.0,
+         "r/v2t_median_rank": 40.0 / step}
+        for step, value in ((1, 0.05), (10, 0.4))
+    ]
+    panel = next(p for p in plot.curve_panels(records) if p.title == "r")
+    assert [s.key for s in panel.left] == ["r/v2t_recall@1"]
+    assert [s.key for s in panel.right] == ["r/v2t_median_rank"]
+    assert [s.key for s in panel.references] == [
+        "r/v2t_chance_recall@1", "r/oracle_anatomy_recall@1", "r/oracle_findings_recall@1"]
+    figure = plot.draw([panel], str(tmp_path / "r.png"), "run")
+    lines = {line.get_label(): line for axis in figure.axes for line in axis.get_lines()}
+    for key, value in (("r/v2t_chance_recall@1", 0.02), ("r/oracle_anatomy_recall@1", 0.3),
+                       ("r/oracle_findings_recall@1", 1.0)):
+        line = lines[f"{key} = {value:.3g}"]
+        assert line.get_linestyle() == ":"
+        np.testing.assert_array_equal(line.get_ydata(), [value, value])
+    assert not any(plot._is_reference(m) for m in ("v2t_recall@1", "v2t_normal/recall@5",
+                                                   "label/auroc", "label/base_rate"))
+    assert plot._is_reference("label/baseline_mae")

@@ -76,7 +76,11 @@ def test_study_level_pools_each_study_once(results, synthetic_data):
     metrics = results[8, 8, "study"][0]
     table = common.split_table(synthetic_data, SPLIT)
     assert metrics["v2t_num_queries"] == len(set(table["study_id"].tolist()))
-    assert metrics["t2v_num_queries"] == len(set(table["report"].tolist()))
+    # A study's report is its first video's (the set's per-view reports differ).
+    first_reports = {}
+    for study, report in zip(table["study_id"].tolist(), table["report"].tolist(), strict=True):
+        first_reports.setdefault(study, report)
+    assert metrics["t2v_num_queries"] == len(set(first_reports.values()))
 
 
 def test_chance_recall_matches_a_simulation():
@@ -147,3 +151,64 @@ def test_collapse_is_read_from_the_mean_cosines():
     }
     assert retrieval.collapsed_towers({"query_mean_cosine": 0.99}) == {}  # above, not at
     assert retrieval.collapsed_towers({}) == {}
+
+
+def _simulated_oracle_recall(relevant, first, k, draws, rng):
+    """Recall@K of rankings that put `first` candidates first, at random within each group."""
+    hits = []
+    for q in np.flatnonzero(relevant.any(axis=1)):
+        scores = first[q][None, :] + rng.random((draws, relevant.shape[1]))  # [draws, C]
+        top = np.argsort(-scores, axis=1)[:, :k]
+        hits.append(relevant[q][top].any(axis=1).mean())
+    return float(np.mean(hits))
+
+
+def test_findings_relevance_and_ceilings_equal_an_independent_computation(
+        results, synthetic_data):
+    """Relevance by parsed findings, the oracles by simulation, the CI around the recall."""
+    from deepcoro_jax.domain import reports
+
+    _, ctx, params, _ = results[1, 4, "video"]
+    evaluator = retrieval.Evaluator(ctx.predict_fns, ctx.spec, name="r", split=SPLIT,
+                                    batch_size=4, relevance="findings", bootstrap=500)
+    assert evaluator.anatomy_columns == ["system", "landmark", "magnification"]
+    metrics = evaluator.run(params, 0)
+    table = common.split_table(synthetic_data, SPLIT)
+    out = common.predict_split(ctx.spec, evaluator._embed_videos, params, split=SPLIT,
+                               pp=ctx.spec.pp(), batch_size=4)
+    texts = sorted(set(table["report"].tolist()))
+    text_emb = common.encode_texts(ctx.spec, evaluator._embed_texts, params, texts, 4)
+    sim = out["video_emb"] @ text_emb.T  # [V, R], videos in row order
+    findings = [reports.parse(text) for text in texts]
+    video_findings = [reports.parse(text) for text in table["report"]]
+    relevant = np.array([[f == g for g in findings] for f in video_findings])
+    assert relevant.sum() > len(table["row"])  # some reports say the same in other words
+    best = np.where(relevant, sim, -np.inf).max(axis=1)
+    ranks = 1 + (~relevant & (sim >= best[:, None])).sum(axis=1)
+    np.testing.assert_allclose(metrics["v2t_recall@1"], np.mean(ranks == 1), rtol=1e-6)
+    np.testing.assert_allclose(metrics["v2t_recall@5"], np.mean(ranks <= 5), rtol=1e-6)
+    assert metrics["v2t_recall@1_ci_low"] <= metrics["v2t_recall@1"]
+    assert metrics["v2t_recall@1"] <= metrics["v2t_recall@1_ci_high"]
+
+    anatomy = [(str(s), str(lm), float(m), f.dominance) for s, lm, m, f in zip(
+        table["label/system"], table["label/landmark"], table["label/magnification"],
+        video_findings, strict=True)]
+    written_for = [{anatomy[v] for v in range(len(anatomy)) if table["report"][v] == text}
+                   for text in texts]
+    same_anatomy = np.array([[a in w for w in written_for] for a in anatomy])
+    rng = np.random.default_rng(0)
+    for k in (1, 5):
+        simulated = _simulated_oracle_recall(relevant, same_anatomy, k, 4000, rng)
+        assert metrics[f"oracle_anatomy_recall@{k}"] == pytest.approx(simulated, abs=0.01)
+        chance = _simulated_oracle_recall(relevant, np.ones_like(relevant), k, 4000, rng)
+        assert metrics[f"v2t_chance_recall@{k}"] == pytest.approx(chance, abs=0.01)
+    assert metrics["oracle_findings_recall@1"] == 1.0  # it knows exactly what is relevant
+    assert metrics["oracle_anatomy_recall@1"] > metrics["v2t_chance_recall@1"]
+    for stratum in reports.STRATA:
+        in_stratum = np.array([reports.stratum(f) == stratum for f in video_findings])
+        if in_stratum.any():
+            simulated = _simulated_oracle_recall(relevant[in_stratum], same_anatomy[in_stratum],
+                                                 1, 4000, rng)
+            assert metrics[f"v2t_{stratum}/oracle_anatomy_recall@1"] == pytest.approx(
+                simulated, abs=0.015)
+    assert "v2t_cto/num_queries" in metrics

@@ -221,3 +221,57 @@ def test_alignment():
 def test_bad_input_raises_naming_the_argument(sim, relevant, ks, error, message):
     with pytest.raises(error, match=message):
         retrieval.retrieval_metrics(sim, relevant, ks)
+
+
+def test_oracle_recall_equals_a_simulation_in_every_case():
+    """Relevant candidates inside and outside the oracle's first group, K below and above
+    its size, queries without a relevant candidate (left out)."""
+    rng = np.random.default_rng(3)
+    num_queries, num_candidates, draws = 12, 9, 6000
+    relevant = rng.random((num_queries, num_candidates)) < 0.2
+    relevant[np.arange(num_queries), np.arange(num_queries) % num_candidates] = True
+    relevant[0] = False  # no relevant candidate: left out
+    first = rng.random((num_queries, num_candidates)) < 0.4
+    first[1] = False  # an oracle that knows nothing about this query: chance
+    first[2] = relevant[2] | (rng.random(num_candidates) < 0.3)  # relevant all in its group
+    relevant[3], first[3] = False, False
+    relevant[3, :2], first[3, 2:6] = True, True  # relevant only after its first group
+    for k in (1, 3, 5, 9, 20):
+        expected = retrieval.oracle_recall(relevant, first, k)
+        assert expected.shape == (num_queries - 1,)
+        for q, value in zip(range(1, num_queries), expected, strict=True):
+            scores = first[q][None, :] + rng.random((draws, num_candidates))
+            top = np.argsort(-scores, axis=1)[:, :k]
+            simulated = relevant[q][top].any(axis=1).mean()
+            assert value == pytest.approx(simulated, abs=0.025), (q, k)
+    assert retrieval.oracle_recall(relevant, relevant, 1).tolist() == [1.0] * (num_queries - 1)
+    everything = np.ones_like(relevant)
+    for k in (1, 4):
+        assert retrieval.oracle_recall(relevant, everything, k).mean() == pytest.approx(
+            retrieval.chance_recall(relevant.sum(axis=1), num_candidates, k))
+    with pytest.raises(ValueError, match="same"):
+        retrieval.oracle_recall(relevant, first[:, :3], 1)
+
+
+def test_recall_ci_agrees_with_the_normal_approximation():
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(1, 11, size=4000)  # Recall@3 about 0.3
+    low, high = retrieval.recall_ci(ranks, 3, num_resamples=2000, seed=1)
+    p = np.mean(ranks <= 3)
+    half = 1.96 * np.sqrt(p * (1 - p) / len(ranks))
+    assert low == pytest.approx(p - half, abs=0.004)
+    assert high == pytest.approx(p + half, abs=0.004)
+    assert retrieval.recall_ci(np.ones(50, int), 1) == (1.0, 1.0)
+    assert retrieval.recall_ci(ranks, 3, seed=5) == retrieval.recall_ci(ranks, 3, seed=5)
+    with pytest.raises(ValueError, match="need queries"):
+        retrieval.recall_ci(np.array([], int), 1)
+
+
+def test_findings_relevance_reads_meaning_not_words():
+    same = ["Right dominant circulation. 70% stenosis of the proximal LAD.",
+            "Prox LAD: severe ~70% lesion. Dominance: right."]
+    other = "Right dominant circulation. 80% stenosis of the proximal LAD."
+    keys = [retrieval.findings_key(text) for text in [*same, other]]
+    assert keys[0] == keys[1] != keys[2]
+    relevant = retrieval.key_relevance(keys, keys)
+    assert relevant.tolist() == [[True, True, False], [True, True, False], [False, False, True]]

@@ -19,7 +19,10 @@ PNG (default ``DIR/plots/training_curves.png``), with matplotlib's Agg backend:
   clinical summary metrics, MSE, PSNR, AUROC, MAE, with an optional direction
   prefix such as ``v2t_``; per-stratum breakdowns, which hold a ``/``, are
   left out). An evaluator none of whose metrics match gets all of its metrics
-  but the counts (``num_*``, also per label) and its ``seconds``. Metrics whose
+  but the counts (``num_*``, also per label), probes' base rates and its
+  ``seconds``. Ceilings and baselines among them (``chance``, ``oracle_<kind>``,
+  ``baseline`` metrics: what a random ranking, an oracle or a constant predictor
+  reach on the same split) are drawn as dotted horizontal lines at their value. Metrics whose
   values all lie in [0, 1] share the left axis; the others (ranks, BLEU, PSNR,
   ...) go on a right axis, dashed
   (on the main axis when there are no [0, 1] metrics).
@@ -83,10 +86,12 @@ class Panel:
     right: tuple[Series, ...] = ()
     log_scale: bool = False
     markers: bool = False
+    # Ceilings and baselines (chance, oracles): horizontal dotted lines at their last value.
+    references: tuple[Series, ...] = ()
 
     @property
     def series(self) -> tuple[Series, ...]:
-        return self.left + self.right
+        return self.left + self.right + self.references
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:
@@ -141,9 +146,17 @@ def _in_unit_interval(series: Series) -> bool:
 
 
 def _is_bookkeeping(metric: str) -> bool:
-    """Counts (``num_*``, also per label as ``<label>/num_*``) and an evaluator's ``seconds``."""
+    """Counts (``num_*``, also per label as ``<label>/num_*``), a probe's ``base_rate``
+    (not on its AUROC's scale) and an evaluator's ``seconds``."""
     last = metric.rsplit("/", 1)[-1]
-    return last.startswith("num_") or metric == "seconds"
+    return last.startswith("num_") or last == "base_rate" or metric == "seconds"
+
+
+def _is_reference(metric: str) -> bool:
+    """What a model could reach without learning, or at best: ``*chance_*``,
+    ``*oracle_<kind>_*`` and ``*baseline_*`` metrics (e.g. ``v2t_chance_recall@5``,
+    ``oracle_anatomy_recall@1``, ``<label>/baseline_mae``)."""
+    return bool(re.search(r"(?:^|[_/])(?:chance|oracle_[a-z]+|baseline)_", metric))
 
 
 def _ordered_unique(items: Iterable[str]) -> list[str]:
@@ -197,11 +210,13 @@ def curve_panels(
         if not chosen:
             chosen = [k for k, metric in metrics.items() if not _is_bookkeeping(metric)]
         eval_series = series(chosen or list(metrics))
+        curves = [s for s in eval_series if not _is_reference(metrics[s.key])]
         add(
             name,
-            tuple(s for s in eval_series if _in_unit_interval(s)),
-            tuple(s for s in eval_series if not _in_unit_interval(s)),
+            tuple(s for s in curves if _in_unit_interval(s)),
+            tuple(s for s in curves if not _in_unit_interval(s)),
             markers=True,
+            references=tuple(s for s in eval_series if _is_reference(metrics[s.key])),
         )
     return panels
 
@@ -226,9 +241,16 @@ def draw(panels: Sequence[Panel], out: str, title: str) -> Figure:
         handles = _draw_series(axis, panel.left, panel.markers, "-")
         if panel.log_scale:
             axis.set_yscale("log")
-        if panel.right:
+        twin = None
+        if panel.right or any(not _in_unit_interval(s) for s in panel.references):
             twin = axis.twinx()
             handles += _draw_series(twin, panel.right, panel.markers, "--", len(panel.left))
+        colour = len(panel.left) + len(panel.right)
+        for i, reference in enumerate(panel.references):
+            on = axis if _in_unit_interval(reference) or twin is None else twin
+            handles.append(on.axhline(reference.values[-1], linestyle=":", linewidth=1.5,
+                                      color=f"C{(colour + i) % 10}",
+                                      label=f"{reference.key} = {reference.values[-1]:.3g}"))
         axis.grid(alpha=0.3)
         axis.legend(handles=handles, fontsize="small")
     paths.Path(out).parent.mkdir(parents=True, exist_ok=True)
