@@ -289,32 +289,40 @@ def chance_recall(num_relevant: np.ndarray, num_candidates: int, k: int) -> floa
     return float(1.0 - np.mean(_miss_probability(num_candidates, num_relevant, k)))
 
 
-def oracle_recall(relevant: np.ndarray, first: np.ndarray, k: int) -> np.ndarray:
-    """[Q'] each query's expected Recall@K under an oracle that knows only which
-    candidates go `first`: it ranks them first and the rest after, each group in
-    random order (what it cannot tell apart, it can only guess).
+def oracle_recall(relevant: np.ndarray, scores: np.ndarray | Sequence[np.ndarray],
+                  k: int) -> np.ndarray:
+    """[Q'] each query's expected Recall@K under an oracle that ranks the candidates by
+    `scores` and can only guess among candidates of equal score (random order).
 
-    relevant, first: [Q, C] booleans. With n1 candidates first, r1 of them relevant
-    (n2, r2 the rest), the first hit is in the top K with probability
-    1 - C(n1-r1, K) / C(n1, K) when r1 > 0 and K < n1; 1 when r1 > 0 and K >= n1;
-    else 1 - C(n2-r2, K-n1) / C(n2, K-n1) for K > n1 (0 for K <= n1). `first` all
-    True gives `chance_recall`; `first` equal to `relevant` gives 1. Queries without
-    a relevant candidate are left out, as in `retrieval_metrics`.
+    relevant: [Q, C] bool; scores: [Q, C] real, higher first, or a sequence of such
+    arrays compared in turn (the second orders what the first leaves tied, ...).
+    With s* the best score of a relevant candidate, n_before candidates scoring
+    above it, and r of the n candidates scoring exactly s* relevant, the first hit
+    is in the top K with probability 1 - C(n-r, K') / C(n, K'), K' = clip(K -
+    n_before, 0, n). Scores all equal give `chance_recall`; scores equal to
+    `relevant` give 1. Queries without a relevant candidate are left out, as in
+    `retrieval_metrics`.
     """
-    relevant, first = np.asarray(relevant, bool), np.asarray(first, bool)
-    if relevant.shape != first.shape or relevant.ndim != 2:
-        raise ValueError(f"relevant {relevant.shape} and first {first.shape} must be the same "
-                         "[queries, candidates] shape")
-    k = min(int(k), relevant.shape[1])
+    relevant = np.asarray(relevant, bool)
+    levels = [scores] if isinstance(scores, np.ndarray) else list(scores)
+    levels = [np.broadcast_to(np.asarray(level, np.float64), relevant.shape)
+              if np.ndim(level) < 2 else np.asarray(level, np.float64) for level in levels]
+    if relevant.ndim != 2 or not levels or any(x.shape != relevant.shape for x in levels):
+        raise ValueError(f"relevant {relevant.shape} and every level of scores "
+                         f"{[x.shape for x in levels]} must be the same [queries, candidates] "
+                         "shape")
     keep = relevant.any(axis=1)
-    relevant, first = relevant[keep], first[keep]
-    n1 = first.sum(axis=1)
-    r1 = (relevant & first).sum(axis=1)
-    n2 = relevant.shape[1] - n1
-    r2 = relevant.sum(axis=1) - r1
-    in_first = 1.0 - _miss_probability(n1, r1, np.minimum(k, n1))
-    in_rest = 1.0 - _miss_probability(n2, r2, np.clip(k - n1, 0, n2))
-    return np.where(r1 > 0, in_first, np.where(k > n1, in_rest, 0.0))
+    relevant, levels = relevant[keep], [level[keep] for level in levels]
+    best = relevant  # the relevant candidates that are best on the levels so far
+    above = np.zeros_like(relevant)  # candidates lexicographically above the best relevant
+    tied = np.ones_like(relevant)
+    for level in levels:
+        best_value = np.where(best, level, -np.inf).max(axis=1, keepdims=True)  # [Q', 1]
+        best = best & (level == best_value)
+        above |= tied & (level > best_value)
+        tied &= level == best_value
+    n, r = tied.sum(axis=1), (tied & relevant).sum(axis=1)
+    return 1.0 - _miss_probability(n, r, np.clip(int(k) - above.sum(axis=1), 0, n))
 
 
 def recall_ci(ranks: np.ndarray, k: int, *, num_resamples: int = 1000, seed: int = 0,
@@ -386,15 +394,23 @@ class Evaluator(common.Evaluator):
     for video->report the Recall@K per stratum of the query's most severe finding
     and in queries whose report has a CTO (``v2t_<stratum>/recall@K``,
     ``v2t_cto/recall@K``). Beside them, on the same queries and candidates, what a
-    model could reach without the embeddings (expected values, `oracle_recall`):
-    ``v2t_chance_recall@K`` (a random ranking); ``oracle_anatomy_recall@K`` (knows
-    each video's anatomy, the ``anatomy_columns`` labels such as its system,
-    landmark and magnification, and the dominance its report states: it ranks
-    first the candidates written for videos of the same anatomy, in random order;
-    video level, where the data carries such a column); ``oracle_findings_recall@K``
-    (knows that and every finding the query's report states; 1 with
-    ``relevance='findings'``); and the same per stratum and for CTOs
-    (``v2t_<subset>/{chance,oracle_anatomy,oracle_findings}_recall@K``).
+    model could reach without the embeddings (expected values of rankings that
+    guess at random among what they cannot tell apart, `oracle_recall`):
+    ``v2t_chance_recall@K`` (a random ranking); ``oracle_prior_recall@K`` (sees
+    nothing of the video; ranks the candidates by how many of the split's queries
+    state their findings, the best constant ranking); ``oracle_anatomy_recall@K``
+    (knows each video's anatomy, the ``anatomy_columns`` labels such as its
+    system, landmark and magnification, and the dominance its report states, but
+    no lesion: ranks first the candidates written for videos of the same
+    anatomy, most common findings among those videos first, then the rest by the
+    prior; video level, where the data carries such a column). Both put one
+    candidate of each findings first and its rewordings after (they cover the
+    same queries);
+    ``oracle_findings_recall@K`` (knows that and every finding the query's report
+    states; 1 with ``relevance='findings'``); and the same per stratum and for
+    CTOs (``v2t_<subset>/{chance,oracle_prior,oracle_anatomy,oracle_findings}_recall@K``).
+    The frequencies are the split's own, so the oracles are upper bounds of what
+    their knowledge allows on this split.
     ``alignment`` is the mean cosine of true pairs; ``query_mean_cosine`` and
     ``report_mean_cosine`` the mean cosine between distinct queries and between
     distinct candidates (near 1: the embedding has collapsed and ignores its input).
@@ -403,8 +419,9 @@ class Evaluator(common.Evaluator):
     PREDICT = ("encode_video", "encode_text")
     HEADLINE = (
         "v2t_recall@1", "v2t_recall@1_ci_low", "v2t_recall@1_ci_high", "v2t_chance_recall@1",
-        "oracle_anatomy_recall@1", "oracle_findings_recall@1", "v2t_recall@5",
-        "v2t_chance_recall@5", "oracle_anatomy_recall@5", "t2v_recall@5", "alignment",
+        "oracle_prior_recall@1", "oracle_anatomy_recall@1", "oracle_findings_recall@1",
+        "v2t_recall@5", "v2t_chance_recall@5", "oracle_anatomy_recall@5", "t2v_recall@5",
+        "alignment",
     )
 
     def __init__(
@@ -523,9 +540,17 @@ class Evaluator(common.Evaluator):
                   strata: Sequence[str]) -> dict[str, float]:
         """Chance and the oracles' Recall@K (video->report), overall and per subset of
         queries, and the model's Recall@K in queries with a CTO."""
-        num_candidates = relevant.shape[1]
+        num_queries, num_candidates = relevant.shape
         same_findings = key_relevance(query_keys, candidate_keys)  # [Q, R]
-        firsts = {"chance": np.ones_like(relevant)}
+        # How common each candidate's findings are among the queries: the prior that a
+        # reader who cannot see the lesions ranks by. Candidates that state the same
+        # findings cover the same queries, so one of each comes before the repeats.
+        frequency = same_findings.sum(axis=0).astype(np.float64)  # [R]
+        group = np.unique(np.asarray(candidate_keys, object), return_inverse=True)[1]  # [R]
+        first_of_group = np.zeros(num_candidates, bool)
+        first_of_group[np.unique(group, return_index=True)[1]] = True
+        scores = {"chance": [np.zeros(num_candidates)],
+                  "oracle_prior": [first_of_group, frequency]}
         if anatomy is not None:
             # The anatomy of a candidate: those of the videos it was written for.
             dominance = [findings.dominance for findings in query_findings]
@@ -533,20 +558,33 @@ class Evaluator(common.Evaluator):
             ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
             anatomy_id = np.array([ids[key] for key in keys])  # [Q]
             candidate_has = np.zeros((num_candidates, len(ids)), bool)
-            candidate_has[report_index, anatomy_id] = True
+            candidate_has[report_index, anatomy_id] = True  # [R, A]
             same_anatomy = candidate_has[:, anatomy_id].T  # [Q, R]
-            firsts["oracle_anatomy"] = same_anatomy
-            firsts["oracle_findings"] = same_anatomy & same_findings
+            # [A, R]: how many queries of each anatomy state each candidate's findings,
+            # and whether the candidate is the first of its findings among that anatomy's.
+            of_anatomy = np.zeros((len(ids), num_queries))
+            of_anatomy[anatomy_id, np.arange(num_queries)] = 1.0
+            common_in_anatomy = of_anatomy @ same_findings
+            # One of each findings among the anatomy's candidates, and among the others.
+            first_in_group = np.zeros((len(ids), num_candidates), bool)
+            for a in range(len(ids)):
+                for members in (np.flatnonzero(candidate_has[:, a]),
+                                np.flatnonzero(~candidate_has[:, a])):
+                    first_in_group[a, members[np.unique(group[members], return_index=True)[1]]] = 1
+            scores["oracle_anatomy"] = [same_anatomy, first_in_group[anatomy_id],
+                                        common_in_anatomy[anatomy_id], frequency]
+            scores["oracle_findings"] = [same_anatomy & same_findings,
+                                         *scores["oracle_anatomy"]]
         else:
-            firsts["oracle_findings"] = same_findings
+            scores["oracle_findings"] = [same_findings, first_of_group, frequency]
         has_relevant = relevant.any(axis=1)
         subsets = {stratum: np.asarray(strata) == stratum for stratum in reports.STRATA}
         subsets["cto"] = np.array([any(lesion.cto for lesion in f.lesions.values())
                                    for f in query_findings], bool)
         metrics = {}
         for k in self.ks:
-            for kind, first in firsts.items():
-                expected = oracle_recall(relevant, first, k)  # [Q'], queries with a relevant one
+            for kind, kind_scores in scores.items():
+                expected = oracle_recall(relevant, kind_scores, k)  # [Q'], those with a relevant
                 if kind != "chance":
                     metrics[f"{kind}_recall@{k}"] = float(expected.mean())
                 for subset, mask in subsets.items():

@@ -249,6 +249,14 @@ def test_oracle_recall_equals_a_simulation_in_every_case():
     for k in (1, 4):
         assert retrieval.oracle_recall(relevant, everything, k).mean() == pytest.approx(
             retrieval.chance_recall(relevant.sum(axis=1), num_candidates, k))
+    # Several score levels: ties broken at random within each level only.
+    scores = rng.integers(0, 3, size=relevant.shape).astype(float)
+    for k in (1, 2, 4):
+        for q, value in zip(range(1, num_queries), retrieval.oracle_recall(relevant, scores, k),
+                            strict=True):
+            noisy = scores[q][None, :] + 0.5 * rng.random((draws, num_candidates))
+            top = np.argsort(-noisy, axis=1)[:, :k]
+            assert value == pytest.approx(relevant[q][top].any(axis=1).mean(), abs=0.025)
     with pytest.raises(ValueError, match="same"):
         retrieval.oracle_recall(relevant, first[:, :3], 1)
 
