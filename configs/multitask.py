@@ -162,7 +162,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ----------------------------------------------------------------------- loss
     config.loss = ml_collections.ConfigDict()
     config.loss.contrastive = "sigmoid"  # or 'softmax'
-    config.loss.positives = "same_report"  # or 'diagonal'
+    # Pairs whose reports state the same findings (in any words) are positives, not
+    # negatives; 'same_report': identical text only; 'diagonal': the paired report only.
+    config.loss.positives = "same_findings"
     config.loss.sharded_contrastive = False  # the ring-sharded sigmoid loss (large batches)
     config.loss.label_smoothing = 0.1
     config.loss.weights = ml_collections.ConfigDict(

@@ -9,8 +9,9 @@ the exact same report text; treating such a pair as a negative teaches the encod
 videos that the text says are the same. Reports are identified by *report ids*: an integer per
 example ([B]) or the padded token-id rows of the report ([B, L]); two examples have the same
 report when their id rows are exactly equal (no host work needed). ``contrastive_positives``
-switches between ``'same_report'`` (identical reports are positives) and ``'diagonal'`` (only the
-paired report is).
+switches between ``'same_report'`` (identical reports are positives), ``'same_findings'``
+(reports that state the same findings, in any words, are positives: the ids are the input
+pipeline's ``findings_id``) and ``'diagonal'`` (only the paired report is).
 
 ``sigmoid_loss_sharded`` computes the SigLIP loss over a batch sharded on a mesh axis without
 ever forming the global [B, B] logits: text chunks travel around a ring of devices.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-POSITIVES_KINDS = ("diagonal", "same_report")
+POSITIVES_KINDS = ("diagonal", "same_report", "same_findings")
 
 Aux = dict[str, Any]
 
@@ -81,8 +82,9 @@ def positives_from_ids(report_ids_a: jax.Array, report_ids_b: jax.Array) -> jax.
 
 
 def contrastive_positives(kind: str, report_ids: jax.Array) -> jax.Array:
-    """The [B, B] positive-pair mask: 'same_report' (identical reports) or 'diagonal'."""
-    if kind == "same_report":
+    """The [B, B] positive-pair mask: 'same_report' / 'same_findings' (equal report ids:
+    token rows or findings ids) or 'diagonal'."""
+    if kind in ("same_report", "same_findings"):
         return positives_from_ids(report_ids, report_ids)
     if kind == "diagonal":
         return jnp.eye(report_ids.shape[0], dtype=bool)

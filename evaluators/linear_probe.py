@@ -11,7 +11,9 @@ on the eval split:
   binary: an L2-regularised logistic regression gives '<label>/auroc' and its
   bootstrap 95% CI '<label>/auroc_ci_low', '<label>/auroc_ci_high' (resampling
   the eval examples; seeded), beside '<label>/base_rate', the eval examples'
-  fraction of positives;
+  fraction of positives, and '<label>/auroc_within', the AUROC within groups of
+  examples of the same view anatomy (``group_columns``), which a probe that only
+  recognises the anatomy cannot raise above 0.5;
 - any other label is continuous: ridge regression gives '<label>/mae', beside
   '<label>/baseline_mae', the error of predicting the train median for every example;
 - '<label>/num_examples' counts the eval examples scored. Rows whose label is
@@ -53,6 +55,8 @@ from sklearn.preprocessing import StandardScaler
 
 from evaluators import common
 
+# Label columns that group examples for '<label>/auroc_within', where the data has them.
+GROUP_COLUMNS = ("system", "landmark", "magnification")
 BOOTSTRAP_CHUNK = 128  # resamples scored together by `weighted_aurocs`
 _NEWTON_MAX_STEPS = 100
 # On max |gradient| and half the squared Newton decrement of scikit-learn's objective,
@@ -137,6 +141,33 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def within_group_auroc(scores: np.ndarray, labels: np.ndarray, groups: Sequence) -> float:
+    """AUROC over the (positive, negative) pairs of the same group only: P(score of a
+    positive > score of a negative of its group), ties one half, every such pair
+    weighted alike. What a score knows beyond its group (for example a view's anatomy):
+    a score that only tells groups apart gets 0.5. NaN when no group holds both classes.
+    """
+    scores, labels = _check_binary(scores, labels, "within_group_auroc")
+    groups = _group_ids(groups)
+    if groups.shape != labels.shape:
+        raise ValueError(f"within_group_auroc: {len(groups)} groups for {len(labels)} labels")
+    wins = pairs = 0.0
+    for group in np.unique(groups):
+        members = groups == group
+        positives = int(labels[members].sum())
+        negatives = int(members.sum()) - positives
+        if positives and negatives:
+            wins += roc_auc_score(labels[members], scores[members]) * positives * negatives
+            pairs += positives * negatives
+    return float(wins / pairs) if pairs else float("nan")
+
+
+def _group_ids(groups: Sequence) -> np.ndarray:
+    """[N] int: one id per distinct group (any hashable values, tuples included)."""
+    ids: dict = {}
+    return np.array([ids.setdefault(group, len(ids)) for group in groups], np.int64)
+
+
 def weighted_aurocs(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The AUROC of `scores` for each row of `weights` [R, N] as example weights: [R].
 
@@ -210,14 +241,16 @@ def probe_metrics(
     bootstrap: int,
     seed: int,
     label: str = "label",
+    eval_groups: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Fits one probe on the labelled train rows and scores it on the labelled eval rows.
 
     Binary labels (``is_binary`` over both splits): 'auroc', 'auroc_ci_low',
-    'auroc_ci_high' (when ``bootstrap`` > 0) and 'base_rate' (the eval rows'
-    fraction of positives; chance AUROC is 0.5 whatever it is); continuous: 'mae'
-    and 'baseline_mae' (predicting the train median for every row); both
-    'num_examples'. Returns {} (and logs why, naming `label`) when the label
+    'auroc_ci_high' (when ``bootstrap`` > 0), 'base_rate' (the eval rows'
+    fraction of positives; chance AUROC is 0.5 whatever it is) and, with
+    `eval_groups` ([N] a group per eval row), 'auroc_within' (`within_group_auroc`);
+    continuous: 'mae' and 'baseline_mae' (predicting the train median for every
+    row); both 'num_examples'. Returns {} (and logs why, naming `label`) when the label
     cannot be probed.
     """
     train_labels = np.asarray(train_labels, np.float64)
@@ -225,6 +258,8 @@ def probe_metrics(
     train_rows, eval_rows = ~np.isnan(train_labels), ~np.isnan(eval_labels)
     train_features, train_labels = train_features[train_rows], train_labels[train_rows]
     eval_features, eval_labels = eval_features[eval_rows], eval_labels[eval_rows]
+    if eval_groups is not None:
+        eval_groups = _group_ids(eval_groups)[eval_rows]
     if not len(train_labels) or not len(eval_labels):
         logging.warning("linear probe %r skipped: no labelled %s rows", label,
                         "train" if not len(train_labels) else "eval")
@@ -249,6 +284,8 @@ def probe_metrics(
     if bootstrap:
         low, high = bootstrap_auroc_ci(scores, eval_labels, bootstrap, seed)
         metrics.update(auroc_ci_low=low, auroc_ci_high=high)
+    if eval_groups is not None:
+        metrics["auroc_within"] = within_group_auroc(scores, eval_labels, eval_groups)
     return metrics
 
 
@@ -258,6 +295,10 @@ class Evaluator(common.Evaluator):
 
     ``labels``: the label columns to probe (prepare's ``--label_columns``);
     default every numeric label column of the dataset (none: ``common.DataLacks``).
+    ``group_columns``: label columns that group the eval examples for
+    '<label>/auroc_within' (`within_group_auroc`, for binary labels); default those
+    of GROUP_COLUMNS the dataset carries (a view's system, landmark and
+    magnification: what the probe knows beyond the view's anatomy); () for none.
     """
 
     PREDICT = ("encode_video",)
@@ -269,6 +310,7 @@ class Evaluator(common.Evaluator):
         *,
         train_split: str = "train",
         labels: Sequence[str] | None = None,
+        group_columns: Sequence[str] | None = None,
         l2: float = 1.0,
         bootstrap: int = 1000,
         seed: int = 0,
@@ -301,10 +343,16 @@ class Evaluator(common.Evaluator):
                     f"{spec.data_dir} carries no numeric label column (prepare --label_columns)"
                 )
             labels = numeric
+        if group_columns is None:
+            group_columns = [column for column in GROUP_COLUMNS if column in kinds]
+        elif isinstance(group_columns, str) or any(c not in kinds for c in group_columns):
+            raise ValueError(f"{where}.group_columns={group_columns!r} must be a list of label "
+                             f"columns of {spec.data_dir}; it has {sorted(kinds)}")
+        self.group_columns = list(group_columns)
         self.train_split, self.labels = train_split, list(labels)
         # What the trainer prints: each label's AUROC or MAE (whichever it gets).
-        self.HEADLINE = tuple(f"{c}/{m}" for c in self.labels
-                              for m in ("auroc", "base_rate", "mae", "baseline_mae"))
+        self.HEADLINE = tuple(f"{c}/{m}" for c in self.labels for m in (
+            "auroc", "auroc_within", "base_rate", "mae", "baseline_mae"))
         self.l2, self.bootstrap, self.seed = float(l2), int(bootstrap), seed
         self._embed_videos = common.video_embedder(self.predict_fns, spec)
 
@@ -313,7 +361,8 @@ class Evaluator(common.Evaluator):
         out = common.predict_split(self.spec, self._embed_videos, params, split=split,
                                    pp=self.spec.pp(), batch_size=self.batch_size)
         facts = common.join_rows(common.split_table(self.spec.data_dir, split), out[common.ROW_KEY])
-        return out["video_emb"], {column: facts[f"label/{column}"] for column in self.labels}
+        columns = dict.fromkeys([*self.labels, *self.group_columns])
+        return out["video_emb"], {column: facts[f"label/{column}"] for column in columns}
 
     def run(self, params: Any, step: int) -> dict[str, float]:
         del step  # the probe writes no artefacts
@@ -322,11 +371,16 @@ class Evaluator(common.Evaluator):
             eval_features, eval_labels = train_features, train_labels
         else:
             eval_features, eval_labels = self._split_features(params, self.split)
+        groups = None
+        if self.group_columns:
+            groups = [tuple(str(eval_labels[c][i]) for c in self.group_columns)
+                      for i in range(len(eval_features))]
         metrics = {}
         for column in self.labels:
             probe = probe_metrics(
                 train_features, train_labels[column], eval_features, eval_labels[column],
                 l2=self.l2, bootstrap=self.bootstrap, seed=self.seed, label=column,
+                eval_groups=groups,
             )
             metrics.update({f"{column}/{key}": value for key, value in probe.items()})
         return metrics

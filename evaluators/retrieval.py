@@ -30,7 +30,6 @@ Conventions, shared by every function here:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -346,12 +345,6 @@ def recall_ci(ranks: np.ndarray, k: int, *, num_resamples: int = 1000, seed: int
     return float(low), float(high)
 
 
-def findings_key(text: str) -> str:
-    """What a report states, as a string: its parsed findings (`reports.parse`) in
-    canonical JSON. Reports that say the same thing in other words get the same key."""
-    return json.dumps(reports.to_json(reports.parse(text)), sort_keys=True)
-
-
 def key_relevance(query_keys: Sequence[str], candidate_keys: Sequence[str]) -> np.ndarray:
     """[Q, C] bool: candidate c is relevant to query q when their keys are equal."""
     return np.asarray(query_keys, object)[:, None] == np.asarray(candidate_keys, object)[None, :]
@@ -385,7 +378,7 @@ class Evaluator(common.Evaluator):
     embeddings); candidates are the split's distinct report texts (identical
     reports are one candidate). A candidate is relevant to a query when it is the
     query's own report (``relevance='text'``) or when it states the same findings
-    (``relevance='findings'``: `findings_key`, so reports that say the same thing
+    (``relevance='findings'``: `reports.findings_key`, so reports that say the same thing
     in other words are the same answer). report->video swaps the two.
 
     Metrics, prefixed ``v2t_`` and ``t2v_``: everything ``retrieval_metrics``
@@ -494,7 +487,7 @@ class Evaluator(common.Evaluator):
         )
         sim = query_emb.astype(np.float32) @ text_emb.astype(np.float32).T  # [Q, R]
         candidate_findings = [reports.parse(text) for text in candidates]
-        candidate_keys = [findings_key(text) for text in candidates]
+        candidate_keys = [reports.findings_key(text) for text in candidates]
         query_keys = [candidate_keys[i] for i in report_index]
         if self.relevance == "findings":
             v2t_relevant = key_relevance(query_keys, candidate_keys)

@@ -28,6 +28,8 @@ source videos (``prepare.py``).
 from __future__ import annotations
 
 import ast
+import functools
+import hashlib
 import inspect
 import math
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from deepcoro_jax.domain import reports
 from deepcoro_jax.domain.tokenizers import encode_padded, get_tokenizer
 from input_pipeline import dataset_format
 
@@ -519,6 +522,27 @@ def tokenize(
         ids.set_shape([max_len])
         length.set_shape([])
         return {**data, outkey: ids, mask_key: tf.range(max_len) < length}
+
+    return apply
+
+
+@register("findings_id")
+def findings_id(*, key: str = "report", outkey: str = "findings_id") -> Op:
+    """An int32 id of what the report states (`reports.findings_key`: its parsed findings),
+    for contrastive positives by meaning: two reports that say the same thing in other
+    words get the same id (different findings collide with probability ~2^-32 a pair)."""
+    op = "findings_id"
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def identify(text: str) -> np.int32:
+        digest = hashlib.blake2b(reports.findings_key(text).encode(), digest_size=4)
+        return np.frombuffer(digest.digest(), np.int32)[0]
+
+    def apply(data: Example) -> Example:
+        value = tf.numpy_function(lambda text: identify(_text(text)), [_get(data, key, op)],
+                                  tf.int32, stateful=False)
+        value.set_shape([])
+        return {**data, outkey: value}
 
     return apply
 

@@ -61,6 +61,7 @@ def _study_batch(vocab_size: int) -> tuple[dict, float]:
         "caption_in": caption_in.astype(np.int32),
         "caption_out": caption_out.astype(np.int32),
         "caption_mask": caption_mask,
+        "findings_id": (np.arange(batch_size) % 3).astype(np.int32),  # contrastive positives
     }
     expected_mvm = float(np.mean(values[video_mask] ** 2))
     return batch, expected_mvm

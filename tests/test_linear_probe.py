@@ -235,15 +235,18 @@ def test_plugin_equals_a_probe_on_clip_by_clip_embeddings(plugin, synthetic_data
     # The tiny train split has no right-sided significant lesion: one class, skipped.
     assert np.all(table["label/right_significant"] == 0)
     probed = set()
+    groups = [tuple(str(table[f"label/{c}"][i]) for c in linear_probe.GROUP_COLUMNS)
+              for i in range(len(features))]
     for column in LABELS:
         labels = table[f"label/{column}"]
         expected = linear_probe.probe_metrics(features, labels, features, labels, l2=1.0,
-                                              bootstrap=200, seed=1)
+                                              bootstrap=200, seed=1, eval_groups=groups)
         probed.update([column] if expected else [])
         for key, value in expected.items():
             np.testing.assert_allclose(metrics[f"{column}/{key}"], value, rtol=1e-4, atol=1e-6,
                                        err_msg=f"{column}/{key}")
     assert "right_significant" not in probed and "left_significant" in probed
+    assert "left_significant/auroc_within" in metrics
     assert {key.split("/")[0] for key in metrics} == probed
     labels = table["label/left_significant"]
     head = linear_probe.fit_logistic(features, labels, 1.0)
@@ -274,3 +277,22 @@ def test_data_without_labels_is_data_lacks_not_a_config_error(synthetic_data, tm
         with pytest.raises(ValueError) as error:
             linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8, **options)
         assert not isinstance(error.value, common.DataLacks)
+
+
+def test_within_group_auroc_counts_pairs_of_a_group_only():
+    rng = np.random.default_rng(4)
+    groups = rng.integers(0, 4, size=300)
+    labels = (rng.random(300) < 0.2 + 0.15 * groups).astype(float)
+    scores = rng.normal(size=300) + labels
+    wins = pairs = 0.0
+    for i in range(300):  # every (positive, negative) pair of one group, ties one half
+        for j in range(300):
+            if groups[i] == groups[j] and labels[i] == 1 and labels[j] == 0:
+                wins += (scores[i] > scores[j]) + 0.5 * (scores[i] == scores[j])
+                pairs += 1
+    assert linear_probe.within_group_auroc(scores, labels, groups) == pytest.approx(wins / pairs)
+    # A score that only knows the group is chance within groups, though not pooled.
+    assert linear_probe.within_group_auroc(groups.astype(float), labels, groups) == 0.5
+    assert linear_probe.auroc(groups.astype(float), labels) > 0.6
+    assert linear_probe.within_group_auroc(labels, labels, groups) == 1.0
+    assert np.isnan(linear_probe.within_group_auroc(scores, labels, labels))  # one class each

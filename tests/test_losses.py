@@ -112,6 +112,11 @@ def test_positives_from_ids_integer_and_token_rows():
     np.testing.assert_array_equal(
         losses.contrastive_positives("same_report", jnp.asarray(token_rows)), expected
     )
+    findings_ids = np.array([3, -7, 3, 3], np.int32)  # the pipeline's findings_id, [B]
+    np.testing.assert_array_equal(
+        losses.contrastive_positives("same_findings", jnp.asarray(findings_ids)),
+        findings_ids[:, None] == findings_ids[None, :],
+    )
     with pytest.raises(ValueError, match="kind"):
         losses.contrastive_positives("identical", jnp.asarray(token_rows))
     with pytest.raises(ValueError, match="report_ids_a"):

@@ -249,6 +249,21 @@ def test_tokenize_truncation_keeps_bos_and_eos(sp_spec):
     np.testing.assert_array_equal(out["t"], tokens[:8])
 
 
+def test_findings_id_is_equal_for_the_same_findings_in_other_words():
+    from deepcoro_jax.domain import reports
+
+    texts = ["Right dominant circulation. 70% stenosis of the proximal LAD.",
+             "Prox LAD: severe ~70% lesion. Dominance: right.",
+             "Right dominant circulation. 80% stenosis of the proximal LAD.",
+             "Procedure uncomplicated.", "Radial access, no complications."]
+    ids = [int(_run("findings_id()", {"report": tf.constant(t)}, None)["findings_id"])
+           for t in texts]
+    assert ids[0] == ids[1] and len(set(ids[1:])) == 4  # unread reports: their own text
+    assert reports.findings_key(texts[3]) == "text:" + texts[3]
+    out = _run("findings_id(key='r', outkey='f')", {"r": tf.constant(texts[0])}, None)
+    assert out["f"].dtype == np.int32 and int(out["f"]) == ids[0]
+
+
 def test_caption_in_out_are_shifted_and_truncation_drops_eos(sp_spec):
     tok = get_tokenizer(sp_spec)
     for report in REPORTS:

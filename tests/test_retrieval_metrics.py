@@ -279,7 +279,7 @@ def test_findings_relevance_reads_meaning_not_words():
     same = ["Right dominant circulation. 70% stenosis of the proximal LAD.",
             "Prox LAD: severe ~70% lesion. Dominance: right."]
     other = "Right dominant circulation. 80% stenosis of the proximal LAD."
-    keys = [retrieval.findings_key(text) for text in [*same, other]]
+    keys = [reports.findings_key(text) for text in [*same, other]]
     assert keys[0] == keys[1] != keys[2]
     relevant = retrieval.key_relevance(keys, keys)
     assert relevant.tolist() == [[True, True, False], [True, True, False], [False, False, True]]

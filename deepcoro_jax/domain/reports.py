@@ -19,6 +19,7 @@ written with 2 decimals, exact for values with at most two.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import re
@@ -599,6 +600,17 @@ class ParseResult:
     unparsed_sentences: list[str]
     ok: bool
     dominance_stated: bool
+
+
+def findings_key(text: str) -> str:
+    """What a report states, as a string: its parsed findings (`parse`) in canonical JSON,
+    so reports that say the same thing in other words get the same key. A report the
+    parser reads nothing of (`ParseResult.ok` False) is keyed by its own text instead:
+    two such reports are the same only when they are identical."""
+    result = parse_result(text)
+    if not result.ok:
+        return "text:" + text
+    return json.dumps(to_json(result.findings), sort_keys=True)
 
 
 def parse(text: str) -> Findings:

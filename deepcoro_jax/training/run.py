@@ -346,8 +346,18 @@ def initial_weights(state: TrainState, config, shardings) -> TrainState:
 # --------------------------------------------------------------------------------- step
 
 
+def positive_ids_key(config: ml_collections.ConfigDict) -> str:
+    """The batch key whose equal rows make contrastive positives (``config.loss.positives``):
+    'findings_id' (the input pipeline's ``findings_id`` op) or 'text_ids'."""
+    if config.loss.positives not in losses.POSITIVES_KINDS:
+        raise ValueError(f"config.loss.positives={config.loss.positives!r}: choose one of "
+                         f"{losses.POSITIVES_KINDS}")
+    return "findings_id" if config.loss.positives == "same_findings" else "text_ids"
+
+
 def _contrastive_loss(config, out, batch, mesh) -> jax.Array:
     kind = config.loss.positives
+    report_ids = batch[positive_ids_key(config)] if kind != "diagonal" else batch["text_ids"]
     if config.loss.contrastive == "sigmoid" and config.loss.sharded_contrastive:
         loss, _ = losses.sigmoid_loss_sharded(
             out["video_emb"],
@@ -356,10 +366,10 @@ def _contrastive_loss(config, out, batch, mesh) -> jax.Array:
             out["bias"],
             mesh=mesh,
             axis_name=sharding.DATA_AXES,
-            same_report_ids=batch["text_ids"] if kind == "same_report" else None,
+            same_report_ids=report_ids if kind != "diagonal" else None,
         )
         return loss
-    positives = losses.contrastive_positives(kind, batch["text_ids"])
+    positives = losses.contrastive_positives(kind, report_ids)
     if config.loss.contrastive == "sigmoid":
         loss, _ = losses.sigmoid_loss(
             out["video_emb"], out["text_emb"], out["log_temperature"], out["bias"], positives

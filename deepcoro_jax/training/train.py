@@ -283,6 +283,8 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
         f"|tokenize_caption({config.input.caption_max_len}, tokenizer='{caption_spec}')"
         "|keep('video', 'text_ids', 'text_mask', 'caption_in', 'caption_out', 'caption_mask')"
     )
+    if run.positive_ids_key(config) == "findings_id":
+        pp = pp.replace("|keep(", "|findings_id()|keep('findings_id', ")
     studies = config.input.study_videos is not None
     train_ds = pipeline.make_train_dataset(
         data_dir,
