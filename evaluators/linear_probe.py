@@ -294,7 +294,9 @@ class Evaluator(common.Evaluator):
     """Linear probes of the frozen video embeddings (``encode_video``); see the module docstring.
 
     ``labels``: the label columns to probe (prepare's ``--label_columns``);
-    default every numeric label column of the dataset (none: ``common.DataLacks``).
+    default every numeric label column of the dataset (none, or none of those
+    named: ``common.DataLacks``, the evaluator is left out; some of those named
+    missing: a ValueError).
     ``group_columns``: label columns that group the eval examples for
     '<label>/auroc_within' (`within_group_auroc`, for binary labels); default those
     of GROUP_COLUMNS the dataset carries (a view's system, landmark and
@@ -329,6 +331,11 @@ class Evaluator(common.Evaluator):
         if labels is not None:
             if isinstance(labels, str) or not labels:
                 raise ValueError(f"{where}.labels={labels!r} must be a non-empty list of columns")
+            if not set(labels) & set(numeric):
+                raise common.DataLacks(
+                    f"{spec.data_dir} carries none of the label columns {list(labels)} "
+                    f"(numeric label columns: {numeric})"
+                )
             for column in labels:
                 if column not in numeric:
                     raise ValueError(

@@ -86,8 +86,8 @@ def test_evaluators_the_data_cannot_serve_are_left_out(synthetic_data, tmp_path,
         built = common.build_evaluators(config.evals, ctx.predict_fns, ctx.spec)
     assert sorted(s.name for s in built) == ["val_captioning", "val_mvm", "val_retrieval"]
     assert _warnings(caplog) == [
-        f"config.evals.val_probe left out: {data_dir} carries no numeric label column "
-        "(prepare --label_columns)"
+        f"config.evals.val_probe left out: {data_dir} carries none of the label columns "
+        f"{list(config.evals.val_probe.labels)} (numeric label columns: [])"
     ]
 
     caplog.clear()

@@ -310,7 +310,8 @@ def test_export_covers_every_row_once_in_row_order(exported, split_examples):
         assert arrays["study_id"][i] == example["study_id"].decode()
         assert arrays["path"][i] == example["path"].decode()
         assert arrays["report"][i] == example["report"].decode()
-        for name, value in example["labels"].items():
+        for name, value in example["labels"].items():  # text labels come back as str
+            value = value.decode() if isinstance(value, bytes) else value
             np.testing.assert_array_equal(arrays[f"label/{name}"][i], value)
     assert int(arrays["checkpoint"]) == STEP
 

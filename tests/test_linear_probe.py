@@ -257,6 +257,9 @@ def test_plugin_equals_a_probe_on_clip_by_clip_embeddings(plugin, synthetic_data
 def test_bad_options_name_the_key(plugin):
     ctx = plugin["ctx"]
     with pytest.raises(ValueError, match=r"config.evals.p.labels: 'lvef'"):
+        linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8,
+                               labels=["view_cto", "lvef"])
+    with pytest.raises(common.DataLacks, match=r"none of the label columns \['lvef'\]"):
         linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8, labels=["lvef"])
     with pytest.raises(ValueError, match="config.evals.p.l2"):
         linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8, l2=0.0)
@@ -273,7 +276,7 @@ def test_data_without_labels_is_data_lacks_not_a_config_error(synthetic_data, tm
         linear_probe.Evaluator(
             ctx.predict_fns, ctx.spec, name="p", batch_size=8, train_split="holdout"
         )
-    for options in (dict(l2=0.0), dict(labels=["lvef"])):  # the options' own errors come first
+    for options in (dict(l2=0.0), dict(labels=[])):  # the options' own errors come first
         with pytest.raises(ValueError) as error:
             linear_probe.Evaluator(ctx.predict_fns, ctx.spec, name="p", batch_size=8, **options)
         assert not isinstance(error.value, common.DataLacks)
