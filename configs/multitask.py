@@ -132,7 +132,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.size = size
     config.model.num_frames = num_frames
     config.model.image_size = image_size
-    config.model.patch_size = (2, 16, 16)
+    # runlocal: one tubelet spans the clip's 8 frames (16 tokens per clip), embedded by
+    # the conv stem below: the cheapest encoder that sees lesions at 64 px.
+    config.model.patch_size = (8, 16, 16) if arg.runlocal else (2, 16, 16)
     config.model.embed_dim = config_dict.placeholder(int)  # default: the encoder width
     config.model.contrastive_tokens = "full"  # or 'masked' (FLIP-style, one encoder pass)
     config.model.mask_type = "tube"
@@ -142,7 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # small-batch runs the bias barely moves from -10 and the embeddings collapse to
     # reach the chance-level logit; a bias near -log(batch size) avoids that.
     config.model.init_temperature = 10.0
-    config.model.init_bias = -10.0
+    config.model.init_bias = -3.0 if arg.runlocal else -10.0
     config.model.dropout = 0.0
     config.model.dtype = "float32"  # 'bfloat16' on accelerators
     # stem='conv' embeds tubelets with a small CNN (vivit.ConvStem; 2**len(stem_features)
@@ -152,6 +154,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention_type="joint", pool_type="map", stem="linear", stem_features=(16, 32, 64, 64),
         remat=False,
     )
+    if arg.runlocal:
+        config.model.encoder_overrides.update(
+            pool_type="max", stem="conv", stem_features=(8, 16, 32, 32))
     config.model.caption_decoder_overrides = dict(parallel_fraction=0.0)
     # Report embedding: the mean of the text tower's token states. A from-scratch
     # tower's [CLS] state is nearly the same for every report at init (cosine
@@ -192,7 +197,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.schedule.warmup_percent = 5.0
     config.optim.components = ml_collections.ConfigDict(
         dict(
-            video_encoder=_component("encoder/.*|video_projection/.*"),
+            # runlocal: the conv stem's encoder learns best at a third of the lr.
+            video_encoder=_component("encoder/.*|video_projection/.*",
+                                     lr_mult=0.3 if arg.runlocal else 1.0),
             text_encoder=_component("text/.*|text_projection/.*"),
             caption_decoder=_component("caption_decoder/.*"),
             mvm_decoder=_component("mvm_decoder/.*"),

@@ -23,6 +23,7 @@ def _accumulation_config(accum_steps: int) -> ml_collections.ConfigDict:
         normalize_mvm_target=False,
     )
     config.model.encoder_overrides.depth = 1
+    config.model.encoder_overrides.stem = "linear"
     config.model.caption_decoder_overrides.num_layers = 1
     # Contrastive off (it does not decompose); MVM computed but weighted 0 at step 0.
     config.loss.weights = ml_collections.ConfigDict(
