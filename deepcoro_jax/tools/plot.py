@@ -15,7 +15,7 @@ PNG (default ``DIR/plots/training_curves.png``), with matplotlib's Agg backend:
 - one panel per evaluator (keys ``<eval name>/<metric>``, logged only at eval
   steps, drawn with markers) with its headline metrics: those whose name after
   ``<eval name>/`` matches ``--eval_metrics`` (default ``HEADLINE_METRICS``:
-  Recall@1/5/10, MRR, median rank, alignment, BLEU-4, ROUGE-L, CIDEr-D, perplexity, the
+  Recall@1/5, MRR, median rank, alignment, BLEU-4, ROUGE-L, CIDEr-D, perplexity, the
   clinical summary metrics, MSE, PSNR, AUROC, MAE, with an optional direction
   prefix such as ``v2t_``; per-stratum breakdowns, which hold a ``/``, are
   left out). An evaluator none of whose metrics match gets all of its metrics
@@ -57,7 +57,7 @@ from deepcoro_jax import paths
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OUT = os.path.join("plots", "training_curves.png")
 HEADLINE_METRICS = (
-    r"^(?:[^/]*_)?(?:recall@(?:1|5|10)|mrr|median_rank|alignment|bleu4|rouge_l|cider_d"
+    r"^(?:[^/]*_)?(?:recall@(?:1|5)|mrr|median_rank|alignment|bleu4|rouge_l|cider_d"
     r"|perplexity|parse_rate|stenosis_mae|severity_macro_f1|significant_f1|cto_recall"
     r"|dominance_accuracy|mse|psnr|auroc|mae)$"
 )
@@ -252,7 +252,9 @@ def draw(panels: Sequence[Panel], out: str, title: str) -> Figure:
                                       color=f"C{(colour + i) % 10}",
                                       label=f"{reference.key} = {reference.values[-1]:.3g}"))
         axis.grid(alpha=0.3)
-        axis.legend(handles=handles, fontsize="small")
+        crowded = len(handles) > 8
+        axis.legend(handles=handles, fontsize="x-small" if crowded else "small",
+                    ncol=2 if crowded else 1)
     paths.Path(out).parent.mkdir(parents=True, exist_ok=True)
     with paths.Path(out).open("wb") as f:
         figure.savefig(f, dpi=100, format="png")
