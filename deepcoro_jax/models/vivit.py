@@ -386,8 +386,13 @@ class ViViT(nn.Module):
                 tokens, token_mask
             )
         elif self.pool_type == "max":
+            # The maximum as a gather at its argmax: its gradient goes to that token.
+            # (jnp.max's gradient divides by the number of tokens equal to the max it
+            # recomputes, 0 when XLA computes the two apart, e.g. at
+            # --xla_backend_optimization_level=0 on CPU: NaN.)
             lowest = jnp.finfo(tokens.dtype).min
-            pooled = jnp.where(token_mask[:, :, None], tokens, lowest).max(axis=1)
+            index = jnp.where(token_mask[:, :, None], tokens, lowest).argmax(axis=1)  # [B, D]
+            pooled = jnp.take_along_axis(tokens, index[:, None, :], axis=1)[:, 0]
         else:
             count = jnp.maximum(token_mask.sum(axis=1, keepdims=True), 1)  # [B, 1]
             # Padded tokens are zero, so the sum runs over the valid ones only.
