@@ -53,7 +53,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Training batch size.")
 _LR = flags.DEFINE_float("lr", 3e-4, "AdamW peak learning rate (50-step warmup, constant).")
 _WD = flags.DEFINE_float("wd", 0.05, "AdamW weight decay.")
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation and data order.")
-GROUP_COLUMNS = ("system", "landmark", "magnification")
 BANDS = {"cto": None, "90-99": (90.0, 100.0), "70-89": (70.0, 90.0)}
 
 
@@ -131,8 +130,8 @@ def main(argv: Sequence[str]) -> None:
     predict = jax.jit(lambda params, video: model.apply({"params": params}, video, train=False))
     facts = table
     labels = facts[label_key].astype(float)
-    groups = [tuple(str(facts[f"label/{c}"][i]) for c in GROUP_COLUMNS if f"label/{c}" in facts)
-              for i in range(len(labels))]
+    groups = common.anatomy_keys(
+        facts, [c for c in common.ANATOMY_COLUMNS if f"label/{c}" in facts])
 
     def evaluate(params) -> dict[str, float]:
         scores = {}

@@ -65,6 +65,9 @@ import evaluators
 from deepcoro_jax.domain import tokenizers
 
 ROW_KEY = "row"  # the manifest row: unique per video within a prepared dataset
+# Label columns that say what anatomy a view shows, where prepare carried them: the
+# retrieval oracles and the probes' within-anatomy AUROC group examples by them.
+ANATOMY_COLUMNS = ("system", "landmark", "magnification")
 MASK_KEY = "_mask"  # real example (True) or padding (False); see pipeline.make_eval_dataset
 
 PredictFn = Callable[..., dict[str, jax.Array]]  # fn(params, batch, **options) -> {name: [B, ...]}
@@ -350,6 +353,12 @@ def split_table(data_dir: str, split: str) -> dict[str, np.ndarray]:
     table = {k: np.asarray(v) for k, v in columns.items()}
     order = np.argsort(table[ROW_KEY], kind="stable")
     return {k: v[order] for k, v in table.items()}
+
+
+def anatomy_keys(facts: Mapping[str, np.ndarray], columns: Sequence[str]) -> list[tuple]:
+    """Each example's values of the label `columns` (``split_table`` facts), as a tuple."""
+    values = [facts[f"label/{column}"] for column in columns]
+    return [tuple(str(v[i]) for v in values) for i in range(len(facts[ROW_KEY]))]
 
 
 def join_rows(table: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:

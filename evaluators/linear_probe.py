@@ -55,8 +55,6 @@ from sklearn.preprocessing import StandardScaler
 
 from evaluators import common
 
-# Label columns that group examples for '<label>/auroc_within', where the data has them.
-GROUP_COLUMNS = ("system", "landmark", "magnification")
 BOOTSTRAP_CHUNK = 128  # resamples scored together by `weighted_aurocs`
 _NEWTON_MAX_STEPS = 100
 # On max |gradient| and half the squared Newton decrement of scikit-learn's objective,
@@ -299,7 +297,7 @@ class Evaluator(common.Evaluator):
     missing: a ValueError).
     ``group_columns``: label columns that group the eval examples for
     '<label>/auroc_within' (`within_group_auroc`, for binary labels); default those
-    of GROUP_COLUMNS the dataset carries (a view's system, landmark and
+    of ``common.ANATOMY_COLUMNS`` the dataset carries (a view's system, landmark and
     magnification: what the probe knows beyond the view's anatomy); () for none.
     """
 
@@ -351,7 +349,7 @@ class Evaluator(common.Evaluator):
                 )
             labels = numeric
         if group_columns is None:
-            group_columns = [column for column in GROUP_COLUMNS if column in kinds]
+            group_columns = [column for column in common.ANATOMY_COLUMNS if column in kinds]
         elif isinstance(group_columns, str) or any(c not in kinds for c in group_columns):
             raise ValueError(f"{where}.group_columns={group_columns!r} must be a list of label "
                              f"columns of {spec.data_dir}; it has {sorted(kinds)}")

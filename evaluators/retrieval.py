@@ -352,8 +352,6 @@ def key_relevance(query_keys: Sequence[str], candidate_keys: Sequence[str]) -> n
 
 LEVELS = ("video", "study")
 RELEVANCE = ("text", "findings")
-# Label columns the anatomy oracle knows of a video, where prepare carried them.
-ANATOMY_COLUMNS = ("system", "landmark", "magnification")
 # Above this mean cosine between distinct items, a tower's embeddings point one way.
 COLLAPSED_COSINE = 0.99
 
@@ -445,7 +443,7 @@ class Evaluator(common.Evaluator):
         common.require_split(spec, self.split)
         carried = dataset_format.load_meta(spec.data_dir).label_columns
         if anatomy_columns is None:
-            anatomy_columns = [column for column in ANATOMY_COLUMNS if column in carried]
+            anatomy_columns = [column for column in common.ANATOMY_COLUMNS if column in carried]
         elif isinstance(anatomy_columns, str):
             raise ValueError(f"{self.where}.anatomy_columns={anatomy_columns!r} must be a list")
         missing = [column for column in anatomy_columns if column not in carried]
@@ -479,8 +477,7 @@ class Evaluator(common.Evaluator):
                     "each study is matched with its first video's report", self.name)
             query_reports = query_reports[first_video]
         elif self.anatomy_columns:
-            anatomy = [tuple(str(facts[f"label/{column}"][i]) for column in self.anatomy_columns)
-                       for i in range(len(query_reports))]
+            anatomy = common.anatomy_keys(facts, self.anatomy_columns)
         candidates, report_index = unique_reports(query_reports.tolist())
         text_emb = common.encode_texts(
             self.spec, self._embed_texts, params, candidates, self.batch_size
@@ -578,14 +575,12 @@ class Evaluator(common.Evaluator):
         for k in self.ks:
             for kind, kind_scores in scores.items():
                 expected = oracle_recall(relevant, kind_scores, k)  # [Q'], those with a relevant
-                if kind != "chance":
-                    metrics[f"{kind}_recall@{k}"] = float(expected.mean())
+                overall = "v2t_chance" if kind == "chance" else kind
+                metrics[f"{overall}_recall@{k}"] = float(expected.mean())
                 for subset, mask in subsets.items():
                     if mask[has_relevant].any():
                         value = float(expected[mask[has_relevant]].mean())
                         metrics[f"v2t_{subset}/{kind}_recall@{k}"] = value
-            metrics[f"v2t_chance_recall@{k}"] = chance_recall(
-                relevant.sum(axis=1), num_candidates, k)
         ranks = _first_relevant_ranks(sim, relevant)
         cto_ranks = ranks[subsets["cto"] & (ranks > 0)]
         metrics["v2t_cto/num_queries"] = float(len(cto_ranks))

@@ -251,12 +251,11 @@ def view_reports(rows: Sequence[ManifestRow]) -> tuple[list[ManifestRow], dict]:
                       "dominance")
         kept_whole.append({"row": row.index, "path": row.path, "reason": reason})
         narrowed.append(row)
-    by_reason = collections.Counter(entry["reason"].partition(":")[0] for entry in kept_whole)
     summary = {
         "scope": "view",
         "narrowed": len(rows) - len(kept_whole),
         "kept_whole": len(kept_whole),
-        "kept_whole_by_reason": dict(by_reason.most_common()),
+        "kept_whole_by_reason": _by_reason(kept_whole),
         "kept_whole_rows": kept_whole,
     }
     return narrowed, summary
@@ -835,17 +834,21 @@ def _report(written: dict[str, int], failed: list[dict], num_bytes: int, start: 
             scope_summary: dict | None = None) -> dict:
     total = sum(written.values())
     seconds = time.monotonic() - start
-    by_reason = collections.Counter(entry["reason"].partition(":")[0] for entry in failed)
     scope = {"report_scope": scope_summary} if scope_summary else {}
     return {
         **scope,
         "written": written,
-        "failed_by_reason": dict(by_reason.most_common()),
+        "failed_by_reason": _by_reason(failed),
         "failed": failed,
         "seconds": round(seconds, 3),
         "videos_per_second": round(total / seconds, 3),
         "bytes_per_video": round(num_bytes / total, 1) if total else 0.0,
     }
+
+
+def _by_reason(entries: Iterable[dict]) -> dict[str, int]:
+    """{kind: count} of entries whose "reason" is "kind: details", most common first."""
+    return dict(collections.Counter(e["reason"].partition(":")[0] for e in entries).most_common())
 
 
 def _check(flag: str, value: object, ok: bool, expected: str) -> None:

@@ -235,7 +235,7 @@ def test_plugin_equals_a_probe_on_clip_by_clip_embeddings(plugin, synthetic_data
     # The tiny train split has no right-sided significant lesion: one class, skipped.
     assert np.all(table["label/right_significant"] == 0)
     probed = set()
-    groups = [tuple(str(table[f"label/{c}"][i]) for c in linear_probe.GROUP_COLUMNS)
+    groups = [tuple(str(table[f"label/{c}"][i]) for c in common.ANATOMY_COLUMNS)
               for i in range(len(features))]
     for column in LABELS:
         labels = table[f"label/{column}"]

@@ -357,7 +357,7 @@ def positive_ids_key(config: ml_collections.ConfigDict) -> str:
 
 def _contrastive_loss(config, out, batch, mesh) -> jax.Array:
     kind = config.loss.positives
-    report_ids = batch[positive_ids_key(config)] if kind != "diagonal" else batch["text_ids"]
+    report_ids = batch[positive_ids_key(config)]
     if config.loss.contrastive == "sigmoid" and config.loss.sharded_contrastive:
         loss, _ = losses.sigmoid_loss_sharded(
             out["video_emb"],

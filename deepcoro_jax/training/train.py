@@ -278,13 +278,14 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
         caption_spec = run.tokenizer_spec(config.input.caption_tokenizer, data_dir)
         text_spec = run.tokenizer_spec(config.input.text_tokenizer, data_dir, config.text_init)
     global_batch = config.input.batch_size
+    keys = ["video", "text_ids", "text_mask", "caption_in", "caption_out", "caption_mask"]
+    findings = run.positive_ids_key(config) == "findings_id"  # contrastive positives by findings
     pp = (
         f"{config.input.video_pp}|tokenize({config.input.text_max_len}, tokenizer='{text_spec}')"
         f"|tokenize_caption({config.input.caption_max_len}, tokenizer='{caption_spec}')"
-        "|keep('video', 'text_ids', 'text_mask', 'caption_in', 'caption_out', 'caption_mask')"
+        + ("|findings_id()" if findings else "")
+        + f"|keep({', '.join(repr(k) for k in keys + ['findings_id'] * findings)})"
     )
-    if run.positive_ids_key(config) == "findings_id":
-        pp = pp.replace("|keep(", "|findings_id()|keep('findings_id', ")
     studies = config.input.study_videos is not None
     train_ds = pipeline.make_train_dataset(
         data_dir,
