@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -47,17 +48,22 @@ def attention(
 
 
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> dropout -> Dense, back to the input width."""
+    """Dense -> GELU -> dropout -> Dense, back to the input width.
+
+    ``approximate_gelu``: the tanh approximation of GELU (True, as ViViT and
+    big_vision use) or the exact erf form (False, as VideoMAE and BERT use).
+    """
 
     mlp_dim: int
     dropout: float = 0.0
+    approximate_gelu: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
-        x = nn.gelu(x)
+        x = nn.gelu(x, approximate=self.approximate_gelu)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
@@ -103,11 +109,17 @@ class MultiHeadAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    ``norm_eps`` is the LayerNorms' epsilon and ``approximate_gelu`` the MLP's
+    GELU (see ``MlpBlock``); the defaults are big_vision's.
+    """
 
     mlp_dim: int
     num_heads: int
     dropout: float = 0.0
+    norm_eps: float = 1e-6
+    approximate_gelu: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -119,11 +131,13 @@ class EncoderBlock(nn.Module):
         ``train`` is positional argument 3 (counting ``self``) so that it can be
         marked static when the block is wrapped in ``nn.remat``.
         """
-        y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
+        y = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="norm1")(x)
         y = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(y, y, mask)
         x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
-        y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype, name="mlp")(y, train)
+        y = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="norm2")(x)
+        y = MlpBlock(
+            self.mlp_dim, self.dropout, self.approximate_gelu, dtype=self.dtype, name="mlp"
+        )(y, train)
         return x + nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
@@ -179,3 +193,72 @@ def resize_posemb(posemb: jax.Array, new_grid: Sequence[int]) -> jax.Array:
     if tuple(posemb.shape[:-1]) == new_grid:
         return posemb
     return jax.image.resize(posemb, (*new_grid, posemb.shape[-1]), method="linear", antialias=False)
+
+
+def _linear_weights(new: int, old: int) -> np.ndarray:
+    """[new, old] weights of linear resampling with half-pixel centres (PyTorch's
+    ``interpolate(mode='linear', align_corners=False)``: positions left of the first
+    centre take the first value)."""
+    weights = np.zeros((new, old))
+    for i in range(new):
+        x = max((i + 0.5) * old / new - 0.5, 0.0)
+        x0 = min(int(np.floor(x)), old - 1)
+        x1 = min(x0 + 1, old - 1)
+        frac = x - x0
+        weights[i, x0] += 1.0 - frac
+        weights[i, x1] += frac
+    return weights
+
+
+def _cubic_weights(new: int, old: int, a: float = -0.75) -> np.ndarray:
+    """[new, old] weights of cubic-convolution resampling with half-pixel centres and
+    the border sample repeated (PyTorch's ``interpolate(mode='bicubic',
+    align_corners=False)`` along one axis, a = -0.75)."""
+
+    def kernel(d: float) -> float:
+        d = abs(d)
+        if d <= 1:
+            return ((a + 2) * d - (a + 3)) * d * d + 1
+        if d < 2:
+            return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        return 0.0
+
+    weights = np.zeros((new, old))
+    for i in range(new):
+        x = (i + 0.5) * old / new - 0.5
+        x0 = int(np.floor(x))
+        for tap in range(x0 - 1, x0 + 3):
+            weights[i, min(max(tap, 0), old - 1)] += kernel(x - tap)
+    return weights
+
+
+def interpolate_posemb_grid(posemb: jax.Array, new_grid: Sequence[int]) -> jax.Array:
+    """Resizes a learned space-time positional table [T, H, W, D] to [*new_grid, D]:
+    linear in time, bicubic in space, as pretrained ViT and VideoMAE checkpoints are
+    adapted to other input sizes (PyTorch's ``interpolate`` conventions: half-pixel
+    centres, no antialiasing, a = -0.75). Returns the input when the grids match."""
+    new_grid = tuple(int(n) for n in new_grid)
+    if posemb.ndim != 4 or len(new_grid) != 3:
+        raise ValueError(
+            f"interpolate_posemb_grid: need a [T, H, W, D] table and a (T, H, W) grid, got "
+            f"{posemb.shape} and {new_grid}"
+        )
+    t, h, w, _ = posemb.shape
+    if (t, h, w) == new_grid:
+        return posemb
+    time = jnp.asarray(_linear_weights(new_grid[0], t), posemb.dtype)
+    rows = jnp.asarray(_cubic_weights(new_grid[1], h), posemb.dtype)
+    cols = jnp.asarray(_cubic_weights(new_grid[2], w), posemb.dtype)
+    return jnp.einsum("at,bh,cw,thwd->abcd", time, rows, cols, posemb)
+
+
+def sincos_posemb(num_positions: int, width: int) -> np.ndarray:
+    """The fixed 1-D sinusoid table [num_positions, width] of VideoMAE (and the
+    original Transformer): angle(p, j) = p / 10000**(2 * (j // 2) / width), sine on
+    the even channels and cosine on the odd ones (interleaved); float32, computed in
+    float64."""
+    positions = np.arange(num_positions, dtype=np.float64)[:, None]
+    channels = np.arange(width)[None, :]
+    angles = positions / np.power(10000.0, 2 * (channels // 2) / width)
+    table = np.where(channels % 2 == 0, np.sin(angles), np.cos(angles))
+    return table.astype(np.float32)

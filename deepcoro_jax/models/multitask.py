@@ -217,10 +217,10 @@ class MultitaskModel(nn.Module):
         _, visible_aux = self.encoder(
             video, video_mask=video_mask, keep_indices=encoder_keep, train=train
         )
-        visible = visible_aux["tokens"]  # [B, V*K, D]
-        pred, _ = self.mvm_decoder(
-            visible.reshape(num_videos, keep.shape[1], -1), keep, masked, grid
-        )  # [B*V, M, P]
+        visible = visible_aux["tokens"]  # [B, V*(P+K), D], P prefix ([CLS]) tokens first
+        prefix = visible_aux["num_prefix_tokens"]
+        per_video = visible.reshape(num_videos, prefix + keep.shape[1], -1)[:, prefix:]
+        pred, _ = self.mvm_decoder(per_video, keep, masked, grid)  # [B*V, M, P]
         target = jnp.take_along_axis(targets, masked[:, :, None], axis=1)  # [B*V, M, P]
         is_real_video = video_mask.astype(bool) if is_study else jnp.ones((batch, 1), bool)
         mvm_mask = jnp.repeat(is_real_video, masked.shape[1], axis=1)  # [B, V*M]

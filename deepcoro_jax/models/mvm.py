@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepcoro_jax.models.common import Dtype, EncoderBlock, resize_posemb
+from deepcoro_jax.models.common import Dtype, EncoderBlock, resize_posemb, sincos_posemb
 
 Grid = tuple[int, int, int]
 
@@ -165,10 +165,20 @@ class MVMDecoder(nn.Module):
     blocks and predicts the pixels of each masked tubelet.
 
     Defaults follow VideoMAE's ViT-B decoder (width 384, 4 blocks, 6 heads).
+    With ``posemb='sincos'``, ``embed_bias=False``, ``norm_eps`` from the
+    checkpoint, ``final_norm_eps=1e-5`` and ``approximate_gelu=False`` it is
+    exactly VideoMAE's pretraining decoder (``hf_video.py`` imports it): its
+    blocks attend over all N tokens, so the order they are fed in (VideoMAE:
+    visible then masked) does not change any output.
 
     Attributes:
         patch_dim: pixels per tubelet, pt*ph*pw*C (the size of each prediction).
         posemb_grid: (T', H', W') the positional-embedding tables are sized for.
+        posemb: 'factorized' (learned, as above) or 'sincos' (VideoMAE's fixed
+            1-D sinusoid over the flattened grid).
+        embed_bias: a bias in the projection of the encoder's tokens.
+        norm_eps, approximate_gelu: the blocks' (see ``EncoderBlock``).
+        final_norm_eps: the final LayerNorm's epsilon.
     """
 
     patch_dim: int
@@ -177,6 +187,11 @@ class MVMDecoder(nn.Module):
     depth: int = 4
     num_heads: int = 6
     mlp_dim: int = 1536
+    posemb: str = "factorized"
+    embed_bias: bool = True
+    norm_eps: float = 1e-6
+    final_norm_eps: float = 1e-6
+    approximate_gelu: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -215,7 +230,13 @@ class MVMDecoder(nn.Module):
                 f"grid {(t, h, w)}"
             )
 
-        visible = nn.Dense(self.width, dtype=self.dtype, name="embed")(visible_tokens)
+        if self.posemb not in ("factorized", "sincos"):
+            raise ValueError(
+                f"MVMDecoder: posemb={self.posemb!r}; choose 'factorized' or 'sincos'"
+            )
+        visible = nn.Dense(self.width, use_bias=self.embed_bias, dtype=self.dtype, name="embed")(
+            visible_tokens
+        )
         mask_token = self.param(
             "mask_token", nn.initializers.normal(stddev=0.02), (self.width,), jnp.float32
         )
@@ -223,6 +244,27 @@ class MVMDecoder(nn.Module):
         rows = jnp.arange(batch)[:, None]  # [B, 1]
         x = x.at[rows, keep_indices].set(visible.astype(self.dtype))  # [B, N, width]
 
+        x = x + self._posemb((t, h, w)).astype(self.dtype)
+        for i in range(self.depth):
+            x = EncoderBlock(
+                self.mlp_dim,
+                self.num_heads,
+                norm_eps=self.norm_eps,
+                approximate_gelu=self.approximate_gelu,
+                dtype=self.dtype,
+                name=f"block_{i}",
+            )(x)
+        x = nn.LayerNorm(self.final_norm_eps, dtype=self.dtype, name="norm")(x)  # [B, N, width]
+
+        masked_tokens = jnp.take_along_axis(x, masked_indices[:, :, None], axis=1)  # [B, M, width]
+        pred = nn.Dense(self.patch_dim, dtype=self.dtype, name="head")(masked_tokens)
+        return pred.astype(jnp.float32), {"tokens": x}
+
+    def _posemb(self, grid: Grid) -> jax.Array:
+        """The positional embedding of every token of `grid`, [N, width]."""
+        t, h, w = grid
+        if self.posemb == "sincos":
+            return jnp.asarray(sincos_posemb(t * h * w, self.width))
         param_t, param_h, param_w = self.posemb_grid
         temporal = self.param(
             "pos_embedding_temporal",
@@ -239,12 +281,4 @@ class MVMDecoder(nn.Module):
         temporal = resize_posemb(temporal, (t,))  # [T', width]
         spatial = resize_posemb(spatial.reshape(param_h, param_w, self.width), (h, w))
         posemb = temporal[:, None, None, :] + spatial[None]  # [T', H', W', width]
-        x = x + posemb.reshape(num_tokens, self.width).astype(self.dtype)
-
-        for i in range(self.depth):
-            x = EncoderBlock(self.mlp_dim, self.num_heads, dtype=self.dtype, name=f"block_{i}")(x)
-        x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)  # [B, N, width]
-
-        masked_tokens = jnp.take_along_axis(x, masked_indices[:, :, None], axis=1)  # [B, M, width]
-        pred = nn.Dense(self.patch_dim, dtype=self.dtype, name="head")(masked_tokens)
-        return pred.astype(jnp.float32), {"tokens": x}
+        return posemb.reshape(t * h * w, self.width)

@@ -405,7 +405,7 @@ def _to_flax(path: tuple[str, ...], weight: np.ndarray, shape: tuple[int, ...]) 
     return jnp.asarray(weight.reshape(shape))
 
 
-def _read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], Path]:
+def read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], Path]:
     """Reads every tensor of a local HF checkpoint as NumPy (torch only for .bin files)."""
     safetensors_path = directory / "model.safetensors"
     bin_path = directory / "pytorch_model.bin"
@@ -517,6 +517,36 @@ def params_from_hf_weights(
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def hf_config(config: BertConfig) -> dict[str, Any]:
+    """The config.json of the Hugging Face ``BertModel`` with `config`'s shape."""
+    return {
+        "model_type": "bert",
+        "architectures": ["BertModel"],
+        **dataclasses.asdict(config),
+        "hidden_act": "gelu",
+        "position_embedding_type": "absolute",
+        "initializer_range": 0.02,
+        "dtype": "float32",
+    }
+
+
+def hf_weights(params: Params) -> dict[str, np.ndarray]:
+    """``TextEncoder`` params (its projection head, if any, left out) as the tensors of
+    a Hugging Face ``BertModel`` (names and torch layouts of ``params_from_hf_weights``,
+    the other way); the pooler is not ours, so it is not written."""
+    flat, _ = jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "head"})
+    tensors = {}
+    for key_path, value in flat:
+        path = tuple(k.key for k in key_path)
+        value = np.asarray(value, np.float32)
+        expected = _expected_hf_shape(path, value.shape)
+        if path[-1] == "kernel":
+            n_in = _kernel_input_ndim(path)
+            value = value.reshape(math.prod(value.shape[:n_in]), -1).T
+        tensors[_hf_name(path)] = np.ascontiguousarray(value.reshape(expected))
+    return tensors
+
+
 def from_pretrained(
     path: str | Path,
     *,
@@ -536,7 +566,7 @@ def from_pretrained(
     if not directory.is_dir():
         raise FileNotFoundError(f"Hugging Face checkpoint folder not found: {directory}")
     config = BertConfig.from_json(directory / "config.json")
-    weights, weights_path = _read_checkpoint(directory)
+    weights, weights_path = read_checkpoint(directory)
     params = params_from_hf_weights(weights, config, source=str(weights_path))
     model = TextEncoder(config, embed_dim=embed_dim, pool_type=pool_type, dtype=dtype)
     if embed_dim is not None:

@@ -42,13 +42,15 @@ tubelets are zeroed before the stem: masked content never reaches a kept
 token, but the stem runs on the whole frame whatever the mask ratio.
 
 Returns ``(pooled [B, D], aux)`` with aux 'tokens' [B, L, D], 'token_mask'
-[B, L] bool, 'pooled' and 'grid' = (T', H', W') as Python ints (static even
-while tracing; a jitted function returning aux turns them into arrays).
-L = N, or K with ``keep_indices``; for study input the tokens of video v
-occupy [v*L', (v+1)*L') with L = V*L'; tokens of padded videos are zero
-and ``token_mask`` False there. The pooled embedding is MAP attention pooling
-(``pool_type='map'``), the mean (``'mean'``) or the per-channel maximum
-(``'max'``) over the valid tokens only, so
+[B, L] bool, 'pooled', and 'grid' = (T', H', W') and 'num_prefix_tokens'
+(1 with a [CLS] token, else 0) as Python ints (static even while tracing; a
+jitted function returning aux turns them into arrays).
+L' = P + N, or P + K with ``keep_indices`` (P prefix tokens first); for study
+input the tokens of video v occupy [v*L', (v+1)*L') with L = V*L'; tokens of
+padded videos are zero and ``token_mask`` False there. The pooled embedding
+is MAP attention pooling (``pool_type='map'``), the mean (``'mean'``) or the
+per-channel maximum (``'max'``) over the valid grid tokens only, or the
+[CLS] output ('cls', 'cls_tanh'; a study's is the mean over its videos), so
 padded videos never influence any output; a study with no valid video pools
 to zeros. Outputs are in the compute ``dtype``; parameters are float32.
 
@@ -62,6 +64,11 @@ extra input channel adds 512 * D; tested in tests/test_vivit.py):
   base      85,597,440      92,683,776
   large    303,021,056     315,615,232
 
+``posemb``, ``cls_token``, ``norm_eps``, ``approximate_gelu``, ``final_norm``
+and ``pool_norm`` let the encoder take the exact shape of a Hugging Face
+VideoMAE or ViViT checkpoint (:func:`from_pretrained`; ``hf_video.py`` maps
+the weights both ways).
+
 Not here: the MVM decoder and masks (``mvm.py``), heads and losses.
 """
 
@@ -72,7 +79,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepcoro_jax.models.common import Dtype, EncoderBlock, MAPHead, resize_posemb
+from deepcoro_jax.models.common import (
+    Dtype,
+    EncoderBlock,
+    MAPHead,
+    interpolate_posemb_grid,
+    resize_posemb,
+    sincos_posemb,
+)
 from deepcoro_jax.models.mvm import Grid, tubelet_grid
 
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -85,7 +99,8 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 ATTENTION_TYPES = ("joint", "factorized_encoder")
 STEMS = ("linear", "conv")
-POOL_TYPES = ("map", "mean", "max")
+POOL_TYPES = ("map", "mean", "max", "cls", "cls_tanh")
+POSEMB_TYPES = ("factorized", "learned", "sincos")
 
 
 def vivit_kwargs(size: str) -> dict[str, int]:
@@ -148,9 +163,26 @@ class ViViT(nn.Module):
             sized for (image_size an int or (H, W)).
         attention_type: 'joint' or 'factorized_encoder'.
         temporal_depth: number of temporal blocks of the factorised encoder.
-        pool_type: 'map', 'mean' or 'max' (per channel, over the valid tokens).
+        pool_type: 'map', 'mean' or 'max' (per channel, over the valid tokens),
+            'cls' (the [CLS] token's output) or 'cls_tanh' (tanh of a Dense of it:
+            the pooler of Hugging Face's ViViT).
         stem: 'linear' (3D convolution) or 'conv' (``ConvStem``).
         stem_features: the conv stem's stage widths; 2**len must equal ph and pw.
+        posemb: 'factorized' (learned temporal [T', D] + spatial [H'*W', D]),
+            'learned' (one learned table over the T'*H'*W' tokens, and the [CLS]
+            token first when there is one: Hugging Face's ViViT; other grids are
+            interpolated linearly in time and bicubically in space) or 'sincos'
+            (VideoMAE's fixed 1-D sinusoid over the flattened grid, recomputed
+            for any grid). 'learned' and 'sincos' need attention_type='joint'.
+        cls_token: prepend a learned [CLS] token to each video's tokens (joint
+            attention only); it is token 0 of each video in aux['tokens'] and
+            aux['num_prefix_tokens'] is 1.
+        norm_eps: the LayerNorms' epsilon (1e-6; VideoMAE's checkpoints 1e-12).
+        approximate_gelu: tanh GELU (True) or exact erf GELU (False, VideoMAE).
+        final_norm: a LayerNorm on the last block's output (VideoMAE checkpoints
+            made for mean pooling have none).
+        pool_norm: a LayerNorm (epsilon 1e-5) on the pooled vector (VideoMAE's
+            ``fc_norm`` after mean pooling).
         dropout: dropout rate after the embeddings and inside the blocks.
         remat: rematerialise each block in the backward pass (saves memory).
         dtype: compute dtype.
@@ -168,6 +200,12 @@ class ViViT(nn.Module):
     pool_type: str = "map"
     stem: str = "linear"
     stem_features: tuple[int, ...] = (16, 32, 64, 64)
+    posemb: str = "factorized"
+    cls_token: bool = False
+    norm_eps: float = 1e-6
+    approximate_gelu: bool = True
+    final_norm: bool = True
+    pool_norm: bool = False
     dropout: float = 0.0
     remat: bool = False
     dtype: Dtype = jnp.float32
@@ -177,16 +215,37 @@ class ViViT(nn.Module):
         """A ViViT of a named size (``SIZES``), other attributes from ``overrides``."""
         return cls(**{**vivit_kwargs(size), **overrides})
 
-    def _posemb(self, grid: Grid) -> tuple[jax.Array, jax.Array]:
-        """Temporal [T', D] and spatial [H'*W', D] embeddings, resized to ``grid``."""
+    def param_grid(self) -> Grid:
+        """The (T', H', W') grid of ``num_frames`` x ``image_size``: the size of the
+        learned positional tables."""
         image_h, image_w = (
             (self.image_size, self.image_size)
             if isinstance(self.image_size, int)
             else self.image_size
         )
-        param_t, param_h, param_w = tubelet_grid(
-            (self.num_frames, image_h, image_w, 1), self.patch_size
+        return tubelet_grid((self.num_frames, image_h, image_w, 1), self.patch_size)
+
+    def _joint_posemb(self, grid: Grid) -> tuple[jax.Array, jax.Array | None]:
+        """The 'learned' or 'sincos' embedding of each of the grid's tokens [N, D], and
+        the [CLS] token's ([D], or None without one)."""
+        t, h, w = grid
+        if self.posemb == "sincos":
+            table = jnp.asarray(sincos_posemb(t * h * w, self.hidden_size), self.dtype)
+            return table, None  # a [CLS] token has no sinusoid position (checked)
+        param_t, param_h, param_w = self.param_grid()
+        rows = param_t * param_h * param_w + int(self.cls_token)
+        table = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (rows, self.hidden_size),
+            jnp.float32,
         )
+        cls_row = table[0].astype(self.dtype) if self.cls_token else None
+        grid_rows = table[int(self.cls_token):].reshape(param_t, param_h, param_w, -1)
+        grid_rows = interpolate_posemb_grid(grid_rows, grid).reshape(t * h * w, -1)
+        return grid_rows.astype(self.dtype), cls_row
+
+    def _posemb(self, grid: Grid) -> tuple[jax.Array, jax.Array]:
+        """Temporal [T', D] and spatial [H'*W', D] embeddings, resized to ``grid``."""
+        param_t, param_h, param_w = self.param_grid()
         temporal = self.param(
             "pos_embedding_temporal",
             nn.initializers.normal(stddev=0.02),
@@ -208,7 +267,13 @@ class ViViT(nn.Module):
         block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
         for i in range(depth):
             block = block_cls(
-                self.mlp_dim, self.num_heads, self.dropout, dtype=self.dtype, name=f"{prefix}_{i}"
+                self.mlp_dim,
+                self.num_heads,
+                self.dropout,
+                self.norm_eps,
+                self.approximate_gelu,
+                dtype=self.dtype,
+                name=f"{prefix}_{i}",
             )
             x = block(x, None, train)
         return x
@@ -275,16 +340,31 @@ class ViViT(nn.Module):
                 name="conv_stem",
             )(video)  # [B, T', H', W', D]
         x = x.reshape(batch, t * num_spatial, self.hidden_size)  # [B, N, D]
-        temporal, spatial = self._posemb(grid)
 
         if self.attention_type == "joint":
-            posemb = (temporal[:, None, :] + spatial[None]).reshape(t * num_spatial, -1)  # [N, D]
+            cls_posemb = None
+            if self.posemb == "factorized":
+                temporal, spatial = self._posemb(grid)
+                posemb = (temporal[:, None, :] + spatial[None]).reshape(t * num_spatial, -1)
+            else:
+                posemb, cls_posemb = self._joint_posemb(grid)  # [N, D], [D] or None
             x = x + posemb
             if keep_indices is not None:
                 x = jnp.take_along_axis(x, keep_indices[:, :, None], axis=1)  # [B, K, D]
+            if self.cls_token:
+                cls = self.param(
+                    "cls", nn.initializers.zeros, (self.hidden_size,), jnp.float32
+                ).astype(self.dtype)
+                if cls_posemb is not None:
+                    cls = cls + cls_posemb
+                x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cls.shape[0])), x], axis=1)
             x = nn.Dropout(self.dropout)(x, deterministic=not train)
             x = self._blocks(x, self.depth, "encoderblock", train)
-            return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), grid
+            if self.final_norm:
+                x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="encoder_norm")(x)
+            return x, grid
+
+        temporal, spatial = self._posemb(grid)
 
         if keep_indices is None:
             x = x.reshape(batch, t, num_spatial, self.hidden_size) + spatial  # [B, T', S, D]
@@ -296,11 +376,13 @@ class ViViT(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = x.reshape(batch * t, tokens_per_frame, self.hidden_size)  # [B*T', S, D]
         x = self._blocks(x, self.depth, "encoderblock", train)
-        x = nn.LayerNorm(dtype=self.dtype, name="spatial_norm")(x)
+        x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="spatial_norm")(x)
         x = x.reshape(batch, t, tokens_per_frame, self.hidden_size)  # [B, T', S, D]
         frames = x.mean(axis=2) + temporal  # [B, T', D]
         frames = self._blocks(frames, self.temporal_depth, "temporalblock", train)
-        x = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x + frames[:, :, None, :])
+        x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="encoder_norm")(
+            x + frames[:, :, None, :]
+        )
         return x.reshape(batch, t * tokens_per_frame, self.hidden_size), grid
 
     @nn.compact
@@ -333,6 +415,19 @@ class ViViT(nn.Module):
             raise ValueError(f"ViViT: pool_type={self.pool_type!r}; choose one of {POOL_TYPES}")
         if self.stem not in STEMS:
             raise ValueError(f"ViViT: stem={self.stem!r}; choose one of {STEMS}")
+        if self.posemb not in POSEMB_TYPES:
+            raise ValueError(f"ViViT: posemb={self.posemb!r}; choose one of {POSEMB_TYPES}")
+        if self.attention_type != "joint" and (self.posemb != "factorized" or self.cls_token):
+            raise ValueError(
+                f"ViViT(attention_type={self.attention_type!r}) has factorised positional "
+                f"embeddings and no [CLS] token; posemb={self.posemb!r} and cls_token="
+                f"{self.cls_token} need attention_type='joint'"
+            )
+        if self.posemb == "sincos" and self.cls_token:
+            raise ValueError("ViViT: posemb='sincos' gives no position to a [CLS] token; "
+                             "use posemb='learned' with cls_token=True")
+        if self.pool_type in ("cls", "cls_tanh") and not self.cls_token:
+            raise ValueError(f"ViViT: pool_type={self.pool_type!r} needs cls_token=True")
         reduction = 2 ** len(self.stem_features)
         if self.stem == "conv" and tuple(self.patch_size[1:]) != (reduction, reduction):
             raise ValueError(
@@ -380,10 +475,21 @@ class ViViT(nn.Module):
         tokens = tokens.reshape(batch, num_videos * tokens_per_video, -1)  # [B, V*L', D]
         token_mask = jnp.repeat(video_mask.astype(bool), tokens_per_video, axis=1)  # [B, V*L']
         tokens = jnp.where(token_mask[:, :, None], tokens, jnp.zeros((), tokens.dtype))
+        prefix = int(self.cls_token)
+        # The pooling below reads the grid's tokens; 'cls' pooling the [CLS] tokens.
+        is_prefix = (jnp.arange(tokens.shape[1]) % tokens_per_video < prefix)[None, :]  # [1, L]
+        pool_mask = token_mask & ~is_prefix
 
-        if self.pool_type == "map":
+        if self.pool_type in ("cls", "cls_tanh"):
+            cls = tokens.reshape(batch, num_videos, tokens_per_video, -1)[:, :, 0]  # [B, V, D]
+            count = jnp.maximum(video_mask.sum(axis=1, keepdims=True), 1)  # [B, 1]
+            pooled = (cls.astype(jnp.float32).sum(axis=1) / count).astype(tokens.dtype)
+            if self.pool_type == "cls_tanh":
+                pooler = nn.Dense(self.hidden_size, dtype=self.dtype, name="pooler")
+                pooled = jnp.tanh(pooler(pooled))
+        elif self.pool_type == "map":
             pooled = MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype, name="map_head")(
-                tokens, token_mask
+                tokens, pool_mask
             )
         elif self.pool_type == "max":
             # The maximum as a gather at its argmax: its gradient goes to that token.
@@ -391,12 +497,53 @@ class ViViT(nn.Module):
             # recomputes, 0 when XLA computes the two apart, e.g. at
             # --xla_backend_optimization_level=0 on CPU: NaN.)
             lowest = jnp.finfo(tokens.dtype).min
-            index = jnp.where(token_mask[:, :, None], tokens, lowest).argmax(axis=1)  # [B, D]
+            index = jnp.where(pool_mask[:, :, None], tokens, lowest).argmax(axis=1)  # [B, D]
             pooled = jnp.take_along_axis(tokens, index[:, None, :], axis=1)[:, 0]
         else:
-            count = jnp.maximum(token_mask.sum(axis=1, keepdims=True), 1)  # [B, 1]
-            # Padded tokens are zero, so the sum runs over the valid ones only.
-            pooled = (tokens.astype(jnp.float32).sum(axis=1) / count).astype(tokens.dtype)
+            count = jnp.maximum(pool_mask.sum(axis=1, keepdims=True), 1)  # [B, 1]
+            pooled = jnp.where(pool_mask[:, :, None], tokens, jnp.zeros((), tokens.dtype))
+            pooled = (pooled.astype(jnp.float32).sum(axis=1) / count).astype(tokens.dtype)
+        if self.pool_norm:
+            pooled = nn.LayerNorm(1e-5, dtype=self.dtype, name="pool_norm")(pooled)
         pooled = jnp.where(token_mask.any(axis=1, keepdims=True), pooled, 0)
-        aux = {"tokens": tokens, "token_mask": token_mask, "pooled": pooled, "grid": grid}
+        aux = {
+            "tokens": tokens,
+            "token_mask": token_mask,
+            "pooled": pooled,
+            "grid": grid,
+            "num_prefix_tokens": prefix,
+        }
         return pooled, aux
+
+
+def from_pretrained(
+    path: str,
+    *,
+    channels: int | None = None,
+    num_frames: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    dtype: Dtype = jnp.float32,
+) -> tuple["ViViT", dict[str, Any]]:
+    """A local Hugging Face VideoMAE or ViViT folder (config.json + model.safetensors or
+    .bin) as ``(model, params)``.
+
+    ``model.apply({'params': params}, video)`` takes ``video`` [B, T, H, W, C] float,
+    the values PyTorch gets as ``pixel_values`` [B, T, C, H, W], and returns
+    ``(pooled, aux)``: aux['tokens'] is the model's ``last_hidden_state`` ([CLS]
+    first for ViViT) and ``pooled`` its pooled output (ViViT's pooler; VideoMAE's
+    mean, with ``fc_norm`` when the folder has one). `channels` (default the
+    checkpoint's; 1 sums the kernel over its channels), `num_frames` and
+    `image_size` (default the checkpoint's) size the model for other input
+    (``hf_video`` module docstring).
+    """
+    from deepcoro_jax.models import hf_video
+
+    ckpt = hf_video.read(path)
+    kwargs = hf_video.encoder_kwargs(ckpt)
+    if num_frames is not None:
+        kwargs["num_frames"] = num_frames
+    if image_size is not None:
+        kwargs["image_size"] = image_size
+    model = ViViT(**kwargs, dtype=dtype)
+    params = hf_video.encoder_params(ckpt, model, channels=channels or ckpt.channels)
+    return model, params

@@ -168,7 +168,10 @@ def report_attention(run: Run, clip: np.ndarray, tokens: Sequence[int]) -> list[
     targets = np.asarray(tokens, np.int32)[None]  # [1, Lc]
     caption_in = shift_right(jnp.asarray(targets), tok.bos_id)  # [1, Lc]
     weights = _report_cross_attention(run.model, run.params, clip[None], caption_in)
-    weights = np.asarray(jax.device_get(weights))[0]  # [Lc, N]
+    weights = np.asarray(jax.device_get(weights))[0]  # [Lc, P + N]
+    # The weight on a [CLS] token (P = 1) has no place in the frame: the maps show
+    # the share of attention that went to the grid's tubelets.
+    weights = weights[:, int(run.model.encoder.cls_token):]  # [Lc, N]
     patch_size = run.model.encoder.patch_size
     grid = tubelet_grid(clip.shape, patch_size)
     return [
