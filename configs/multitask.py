@@ -158,11 +158,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.encoder_overrides.update(
             pool_type="max", stem="conv", stem_features=(8, 16, 32, 32))
     config.model.caption_decoder_overrides = dict(parallel_fraction=0.0)
+    config.model.mvm_decoder_overrides = dict()  # MVMDecoder attributes (set by video_init)
     # Report embedding: the mean of the text tower's token states. A from-scratch
     # tower's [CLS] state is nearly the same for every report at init (cosine
     # ~0.99999), which stalls the contrastive loss for its first hundreds of steps.
     config.model.text_overrides = dict(pool_type="mean")
     config.text_init = ""  # a local Hugging Face BERT folder (e.g. PubMedBERT)
+    # A local Hugging Face VideoMAE or ViViT folder: the encoder takes its architecture
+    # and weights ('encoder+decoder': VideoMAE's pretraining decoder as the MVM decoder
+    # too); docs/training.md, "Pretrained video weights".
+    config.video_init = ""
+    config.video_init_include = "encoder"
 
     # ----------------------------------------------------------------------- loss
     config.loss = ml_collections.ConfigDict()
@@ -185,6 +191,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.wd = 0.05
     config.optim.b2 = 0.95
     config.optim.grad_clip_norm = 1.0
+    # Layer-wise lr decay of the encoder (BEiT/VideoMAE fine-tuning): block i of L gets
+    # lr * layer_decay**(L - i), the embeddings layer_decay**(L + 1); 1.0: off.
+    config.optim.layer_decay = 1.0
     config.optim.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", end_lr_frac=0.0))
     # The warmup (percent: of the training length); steps > examples > epochs > percent.
     config.optim.schedule.warmup_steps = config_dict.placeholder(int)

@@ -20,7 +20,9 @@ import ml_collections
 from etils import epath
 
 # The path fields of a run's config, resolved by `resolve_config`.
-CONFIG_PATHS = ("input.data_dir", "input.synthetic.cache_dir", "init.workdir", "text_init")
+CONFIG_PATHS = (
+    "input.data_dir", "input.synthetic.cache_dir", "init.workdir", "text_init", "video_init"
+)
 TOKENIZER_FIELDS = ("input.text_tokenizer", "input.caption_tokenizer")
 TOKENIZER_KINDS = ("sp", "wordpiece")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

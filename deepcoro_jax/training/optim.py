@@ -6,6 +6,8 @@ weight decay times its own multipliers, or is frozen. A parameter that no
 component matches is an error naming it. Weight decay is never applied to the
 parameters that match ``no_decay`` (norms, biases, the contrastive temperature
 and bias by default). Gradients are clipped by their global norm first.
+``layer_decay`` scales the video encoder's updates layer by layer (BEiT and
+VideoMAE fine-tuning's layer-wise learning-rate decay; ``layer_multipliers``).
 
 Gradient accumulation lives in the trainer's step (it needs the model), and
 durations are turned into steps by the trainer before they reach here.
@@ -26,7 +28,7 @@ from deepcoro_jax.training.sharding import param_name
 
 DECAY_TYPES = ("cosine", "rsqrt", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
-DEFAULT_NO_DECAY = r"(.*/)?(bias|scale|log_temperature)|.*posemb.*|.*pos_embedding.*"
+DEFAULT_NO_DECAY = r"(.*/)?(bias|scale|log_temperature|cls)|.*posemb.*|.*pos_embedding.*"
 FROZEN = "frozen"
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -139,6 +141,7 @@ def make_optimizer(
     momentum: float = 0.9,
     grad_clip_norm: float | None = 1.0,
     no_decay: str = DEFAULT_NO_DECAY,
+    layer_decay: float = 1.0,
 ) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
     """The optax chain for `params` and the learning-rate schedule of each component.
 
@@ -176,6 +179,48 @@ def make_optimizer(
         transforms[name] = optax.chain(*chain)
     transforms = {k: v for k, v in transforms.items() if k in used}
     tx = optax.multi_transform(transforms, labels)
+    if layer_decay != 1.0:
+        multipliers = layer_multipliers(params, layer_decay)
+        tx = optax.chain(tx, _scale_leaves(multipliers))
     if grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
     return tx, {k: v for k, v in schedules.items() if k in used}
+
+
+_EMBEDDING = re.compile(r"encoder/(embedding|conv_stem|pos_embedding.*|cls)(/.*)?")
+_BLOCK = re.compile(r"encoder/(encoderblock|temporalblock)_(\d+)/.*")
+
+
+def layer_multipliers(params, decay: float):
+    """The update multiplier of every parameter for layer-wise decay `decay` (0 < decay
+    <= 1): with L encoder blocks (spatial then temporal), block i (from 0) gets
+    decay**(L - i), the tubelet and position embeddings and the [CLS] token
+    decay**(L + 1), and everything else (the encoder's final norm and pooling, the
+    other components) 1."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"config.optim.layer_decay={decay}: must be in (0, 1]")
+    names = [param_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    spatial = {int(m[2]) for n in names if (m := _BLOCK.fullmatch(n)) and m[1] == "encoderblock"}
+    temporal = {int(m[2]) for n in names if (m := _BLOCK.fullmatch(n)) and m[1] != "encoderblock"}
+    depth = len(spatial) + len(temporal)
+
+    def multiplier(path, _) -> float:
+        name = param_name(path)
+        if _EMBEDDING.fullmatch(name):
+            return decay ** (depth + 1)
+        if match := _BLOCK.fullmatch(name):
+            index = int(match[2]) + (len(spatial) if match[1] == "temporalblock" else 0)
+            return decay ** (depth - index)
+        return 1.0
+
+    return jax.tree_util.tree_map_with_path(multiplier, params)
+
+
+def _scale_leaves(multipliers) -> optax.GradientTransformation:
+    """Multiplies each update by its leaf of `multipliers` (Python floats)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

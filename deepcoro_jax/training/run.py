@@ -27,6 +27,7 @@ and schedules (``optim.py``); checkpoint mechanics (``checkpoint.py``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -40,12 +41,14 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepcoro_jax import losses
 from deepcoro_jax.models import multitask
 from deepcoro_jax.models import mvm as mvm_lib
+from deepcoro_jax.models import vivit as vivit_lib
 from deepcoro_jax.training import checkpoint, optim, sharding
 from evaluators import common as eval_common
 
@@ -188,19 +191,34 @@ def _copy_tokenizer(spec: str, folder: epath.Path) -> str:
 
 
 def write_assets(
-    workdir: str, *, caption_spec: str, text_spec: str, data_dir: str, dataset_meta: dict
+    workdir: str,
+    *,
+    caption_spec: str,
+    text_spec: str,
+    data_dir: str,
+    dataset_meta: dict,
+    config: ml_collections.ConfigDict | None = None,
 ) -> None:
     """Writes into ``WORKDIR/assets`` what any later use of the run needs besides its
     config and checkpoints: copies of both tokenizers' files, the prepared data's
     format (`dataset_meta`: frame size and format, prepare's frame options and fps,
-    label columns) and where the data was (``run.json``). `read_assets` reads them
-    back; inference and eval then need no prepared data to build the model."""
+    label columns), where the data was and where the initial weights came from
+    (``run.json``, `initial_weights_record`), and the config.json of a
+    ``video_init`` checkpoint (``video_init/config.json``: a resumed run rebuilds
+    its encoder from it). `read_assets` reads them back; inference and eval then
+    need no prepared data to build the model."""
     assets = epath.Path(workdir) / ASSETS_DIR
     record = {
         "caption_tokenizer": _copy_tokenizer(caption_spec, assets / "caption_tokenizer"),
         "text_tokenizer": _copy_tokenizer(text_spec, assets / "text_tokenizer"),
         "data_dir": data_dir,
     }
+    if config is not None:
+        record["initial_weights"] = initial_weights_record(config)
+        if config.get("video_init"):
+            (assets / VIDEO_INIT_DIR).mkdir(parents=True, exist_ok=True)
+            source = epath.Path(config.video_init) / "config.json"
+            (assets / VIDEO_INIT_DIR / "config.json").write_text(source.read_text())
     (assets / DATASET_META_FILE).write_text(json.dumps(dataset_meta, indent=2))
     (assets / ASSETS_FILE).write_text(json.dumps(record, indent=2))
 
@@ -217,6 +235,119 @@ def read_assets(workdir: str) -> dict | None:
         kind, _, relative = record[role].partition(":")
         record[role] = f"{kind}:{assets / relative}"
     record["dataset_meta"] = json.loads((assets / DATASET_META_FILE).read_text())
+    return record
+
+
+VIDEO_INIT_INCLUDE = ("encoder", "encoder+decoder")
+VIDEO_INIT_DIR = "video_init"
+
+
+def _hf_video_config(config: ml_collections.ConfigDict, workdir: str | None) -> dict:
+    """The config.json of config.video_init: the run's copy (assets/video_init) when it
+    has one, else the folder's."""
+    kept = epath.Path(workdir or "") / ASSETS_DIR / VIDEO_INIT_DIR / "config.json"
+    if workdir and kept.exists():
+        return json.loads(kept.read_text())
+    source = epath.Path(config.video_init) / "config.json"
+    if not source.exists():
+        raise FileNotFoundError(
+            f"config.video_init={config.video_init!r}: no config.json there; give a local "
+            "Hugging Face VideoMAE or ViViT folder (docs/training.md, 'Pretrained video "
+            "weights')"
+        )
+    return json.loads(source.read_text())
+
+
+def resolve_video_init(
+    config: ml_collections.ConfigDict, workdir: str | None = None
+) -> list[str]:
+    """With ``config.video_init`` (a Hugging Face VideoMAE or ViViT folder), gives the
+    encoder the checkpoint's architecture, in place: ``model.patch_size`` and the
+    ``model.encoder_overrides`` of ``hf_video.ARCHITECTURE_FIELDS``; with
+    ``video_init_include='encoder+decoder'`` also ``model.mvm_decoder_overrides``
+    (VideoMAE's pretraining decoder). The input size and the pooling stay the
+    config's. Returns the changes as 'field: old -> new' lines (none when the config
+    already has them, as a resumed run's config.json does)."""
+    from deepcoro_jax.models import hf_video
+
+    if not config.get("video_init"):
+        return []
+    hf = _hf_video_config(config, workdir)
+    arch = hf_video.architecture(hf)
+    with_decoder = config.video_init_include == "encoder+decoder"
+    if with_decoder and hf.get("model_type") != "videomae":
+        raise ValueError(
+            f"config.video_init_include='encoder+decoder': {config.video_init} is a "
+            f"{hf.get('model_type')} checkpoint; only VideoMAE has a pretraining decoder"
+        )
+    encoder = vivit_lib.ViViT(**vivit_kwargs_of(config))
+    changes = []
+    patch = tuple(arch.pop("patch_size"))
+    if tuple(config.model.patch_size) != patch:
+        changes.append(f"model.patch_size: {tuple(config.model.patch_size)} -> {patch}")
+        config.model.patch_size = patch
+    overrides = dict(config.model.encoder_overrides)
+    for field, value in arch.items():
+        if _plain(getattr(encoder, field)) != _plain(value):
+            changes.append(f"model.encoder_overrides.{field}: {getattr(encoder, field)!r} -> "
+                           f"{value!r}")
+        overrides[field] = value
+    config.model.encoder_overrides = overrides
+    if with_decoder:
+        decoder = {
+            k: v
+            for k, v in hf_video.decoder_kwargs(hf, channels=1).items()
+            if k not in ("patch_dim", "posemb_grid")
+        }
+        before = dict(config.model.get("mvm_decoder_overrides") or {})
+        if any(before.get(k) != v for k, v in decoder.items()):
+            changes.append(f"model.mvm_decoder_overrides: {before} -> {decoder}")
+        config.model.mvm_decoder_overrides = {**before, **decoder}
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def vivit_kwargs_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ``ViViT`` attributes ``build_model`` gives the encoder of `config`."""
+    m = config.model
+    return {
+        **vivit_lib.vivit_kwargs(m.size),
+        "patch_size": tuple(m.patch_size),
+        **dict(m.encoder_overrides),
+    }
+
+
+def initial_weights_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Where the run's initial weights came from (for ``assets/run.json``): the
+    ``video_init`` and ``text_init`` folders (with their model type and the SHA-256
+    of their weights file) and ``init`` (another run, its step and what it gave)."""
+    record: dict[str, Any] = {}
+    for key in ("video_init", "text_init"):
+        folder = config.get(key)
+        if not folder:
+            continue
+        entry: dict[str, Any] = {"folder": folder}
+        hf_config = epath.Path(folder) / "config.json"
+        if hf_config.exists():
+            entry["model_type"] = json.loads(hf_config.read_text()).get("model_type")
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            weights = epath.Path(folder) / name
+            if weights.exists():
+                entry["weights_file"] = name
+                entry["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+                break
+        if key == "video_init":
+            entry["include"] = config.video_init_include
+        record[key] = entry
+    if config.init.workdir:
+        record["init"] = {
+            "workdir": config.init.workdir,
+            "step": None if config.init.step < 0 else int(config.init.step),
+            "include": config.init.include,
+        }
     return record
 
 
@@ -249,6 +380,7 @@ def build_model(
         encoder_overrides=dict(m.encoder_overrides),
         text_overrides=dict(m.text_overrides),
         caption_decoder_overrides=dict(m.caption_decoder_overrides),
+        mvm_decoder_overrides=dict(m.get("mvm_decoder_overrides") or {}),
     )
 
 
@@ -280,6 +412,7 @@ def make_optimizer(
         optimizer=o.optimizer,
         b2=o.b2,
         grad_clip_norm=o.grad_clip_norm,
+        layer_decay=o.get("layer_decay", 1.0),
     )
 
 
@@ -321,9 +454,14 @@ def state_shardings(abstract_state, config: ml_collections.ConfigDict, mesh: Mes
     return sharding.param_shardings(abstract_state, rules, mesh)
 
 
-def initial_weights(state: TrainState, config, shardings) -> TrainState:
-    """Applies config.text_init (a Hugging Face folder) and config.init (another run)."""
+def initial_weights(state: TrainState, config, shardings, model) -> TrainState:
+    """Applies config.video_init and config.text_init (Hugging Face folders), then
+    config.init (another run: what it includes replaces theirs)."""
     params = state.params
+    if config.get("video_init"):
+        params = dict(params)
+        params.update(_video_init_params(config, model, params))
+        params = {k: jax.device_put(v, shardings.params[k]) for k, v in params.items()}
     if config.text_init:
         from deepcoro_jax.models import text as text_lib
 
@@ -341,6 +479,25 @@ def initial_weights(state: TrainState, config, shardings) -> TrainState:
         return state
     ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
     return dataclasses.replace(state, params=params, ema_params=ema)
+
+
+def _video_init_params(config, model, params) -> dict[str, Any]:
+    """params['encoder'] (and ['mvm_decoder']) with config.video_init's weights: the
+    encoder's parameters the checkpoint has (the rest, e.g. a MAP head, keep their
+    initialisation), position tables interpolated to the model's input."""
+    from deepcoro_jax.models import hf_video
+
+    ckpt = hf_video.read(config.video_init)
+    imported = hf_video.encoder_params(ckpt, model.encoder, channels=1, only_present=True)
+    encoder = traverse_util.flatten_dict(jax.device_get(params["encoder"]))
+    encoder.update(traverse_util.flatten_dict(imported))
+    out = {"encoder": traverse_util.unflatten_dict(encoder)}
+    if config.video_init_include == "encoder+decoder":
+        out["mvm_decoder"] = hf_video.decoder_params(ckpt, model.mvm_decoder)
+    logging.info(
+        "video_init: %s (%s) into %s", config.video_init, ckpt.family, ", ".join(sorted(out))
+    )
+    return out
 
 
 # --------------------------------------------------------------------------------- step

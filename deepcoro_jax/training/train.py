@@ -191,6 +191,8 @@ def main(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -
     if mode == "eval" and resume_step is None:
         raise FileNotFoundError(f"mode='eval': no checkpoint in {checkpoint_dir}")
 
+    for change in run.resolve_video_init(config, workdir if resume_step is not None else None):
+        logging.info("video_init: the encoder takes the checkpoint's shape: %s", change)
     inputs = set_up_input(config, workdir, resuming=resume_step is not None)
     parts = build_parts(config, inputs, mesh)
     if resume_step is not None:  # checked before anything is written
@@ -244,6 +246,11 @@ def check_config(config: ml_collections.ConfigDict, mode: str) -> None:
         raise ValueError(
             f"config.input.batch_size={config.input.batch_size} must divide by the device "
             f"count ({devices}) x grad_accum_steps ({accum_steps})"
+        )
+    if config.video_init_include not in run.VIDEO_INIT_INCLUDE:
+        raise ValueError(
+            f"config.video_init_include={config.video_init_include!r}: choose one of "
+            f"{run.VIDEO_INIT_INCLUDE}"
         )
 
 
@@ -461,7 +468,7 @@ def init_or_restore(config, inputs: Input, parts: Parts, ckpt, resume_step, mode
         logging.info("restored step %d", resume_step)
         return state
     state = jax.jit(parts.init_fn, out_shardings=parts.shardings)(jax.random.PRNGKey(config.seed))
-    return run.initial_weights(state, config, parts.shardings)
+    return run.initial_weights(state, config, parts.shardings, parts.model)
 
 
 def write_workdir(config: ml_collections.ConfigDict, inputs: Input, workdir: str, mode: str):
@@ -485,6 +492,7 @@ def write_workdir(config: ml_collections.ConfigDict, inputs: Input, workdir: str
             text_spec=inputs.text_spec,
             data_dir=inputs.data_dir,
             dataset_meta=dataset_format.load_meta(inputs.data_dir).to_json(),
+            config=config,
         )
 
 
