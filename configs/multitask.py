@@ -13,6 +13,11 @@ Runs (every field can be overridden, e.g. ``--config.total_steps=1000``):
   python launch.py --config configs/multitask.py:size=base,data=/data/prepared \
       --workdir /runs/vivit_b_pubmedbert --config.text_init=/models/pubmedbert
 
+  # Start the video encoder (and MVM decoder) from a local VideoMAE folder:
+  python launch.py --config configs/multitask.py:size=base,data=/data/prepared \
+      --workdir /runs/from_videomae --config.video_init=/models/videomae-base \
+      --config.video_init_include=encoder+decoder --config.optim.layer_decay=0.75
+
 Arguments (after the colon, comma-separated): ``size`` = mu|tiny|small|base|large
 (the model), ``data`` = a prepared dataset folder (default: the synthetic set in
 ``~/.cache/deepcoro_jax``), ``runlocal`` (small and fast, for a CPU).
