@@ -39,6 +39,9 @@ def micro_config() -> ml_collections.ConfigDict:
     """The runlocal recipe shrunk for tests (4 x 32 x 32 clips, one-layer towers)."""
     config = multitask_config.get_config("runlocal")
     config.input.batch_size = 8
+    # A small shuffle buffer: filling (and checkpointing) the recipe's 200 clips costs
+    # seconds per run here, and 8 studies' clips are fewer than that.
+    config.input.shuffle_buffer = 16
     config.input.text_max_len = 32
     config.input.caption_max_len = 32
     config.input.video_pp = (

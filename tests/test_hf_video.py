@@ -328,7 +328,7 @@ def videomae_run(synthetic_data, tmp_path_factory):
     folder = _saved(hf, root / "videomae")
     run_config = evaltools.micro_config()
     run_config.input.data_dir = synthetic_data
-    run_config.update(total_steps=2, ckpt_steps=1, log_training_steps=1)
+    run_config.update(total_steps=2, ckpt_steps=2, log_training_steps=1)
     run_config.evals = {}
     run_config.optim.schedule.warmup_steps = 1
     run_config.video_init = folder
