@@ -338,11 +338,11 @@ def videomae_run(synthetic_data, tmp_path_factory):
     moved = shutil.move(folder, root / "moved")
     run_config.total_steps = 3
     returned = train.main(run_config, str(root / "run"))
-    return root, hf, moved, returned
+    return root, hf, moved, returned, inference.load_run(str(root / "run"))
 
 
 def test_a_run_from_videomae_trains_resumes_and_keeps_where_it_started(videomae_run):
-    root, _, moved, returned = videomae_run
+    root, _, moved, returned, run = videomae_run
     assert np.isfinite(returned["loss/mvm"]) and "lr/video_encoder" not in returned, returned
     assert 3 in {int(p.name) for p in (root / "run" / "checkpoints").iterdir()}
     saved = json.loads((root / "run" / "config.json").read_text())
@@ -356,7 +356,6 @@ def test_a_run_from_videomae_trains_resumes_and_keeps_where_it_started(videomae_
     digest = hashlib.sha256((moved / "model.safetensors").read_bytes()).hexdigest()
     assert record["video_init"]["sha256"] == digest
     # The frozen encoder is still exactly the import (the kernel summed to one channel).
-    run = inference.load_run(str(root / "run"))
     imported = hf_video.encoder_params(
         hf_video.read(moved), run.model.encoder, channels=1, only_present=True
     )
@@ -368,10 +367,9 @@ def test_a_run_from_videomae_trains_resumes_and_keeps_where_it_started(videomae_
 
 
 def test_the_run_exports_back_to_pytorch(videomae_run, tmp_path):
-    root, hf, _, _ = videomae_run
+    root, hf, _, _, run = videomae_run
     assert export_hf.main(["--workdir", str(root / "run"), "--out", str(tmp_path)]) == 0
     exported = transformers.VideoMAEModel.from_pretrained(tmp_path / "video_encoder").eval()
-    run = inference.load_run(str(root / "run"))
     video = _video(7, channels=1)  # the run's clip: 4 x 32 x 32, gray
     _, aux = run.model.encoder.apply({"params": run.params["encoder"]}, _ours(video))
     tokens = _torch(exported, video).last_hidden_state.numpy()
