@@ -275,11 +275,13 @@ def make_predict(fn: Callable[[Any, dict], dict], mesh: Mesh) -> Callable:
 
 
 def video_embedder(predict_fns: Mapping[str, PredictFn], spec: EvalSpec) -> Callable:
-    """``make_predict`` of ``encode_video``'s normalised embedding: {'video_emb': [B, E]}."""
+    """``make_predict`` of ``encode_video``'s normalised embedding: {'video_emb': [B, E]},
+    of videos or (with 'video_mask' in the batch) of studies."""
     encode_video = predict_fns["encode_video"]
 
     def embed_videos(params, batch):
-        return {"video_emb": encode_video(params, {"video": batch["video"]})["video_emb"]}
+        videos = {k: batch[k] for k in ("video", "video_mask") if k in batch}  # study: + mask
+        return {"video_emb": encode_video(params, videos)["video_emb"]}
 
     return make_predict(embed_videos, spec.mesh)
 
@@ -292,23 +294,27 @@ def predict_split(
     split: str,
     pp: str,
     batch_size: int,
+    study_videos: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``predict`` (from ``make_predict``) over every example of `split`, once.
 
     Returns the outputs of the real examples, ordered by manifest row, with
-    'row' among them. `batch_size` is global (over every process).
+    'row' among them. `batch_size` is global (over every process). With
+    `study_videos` the examples are whole studies (``make_study_eval_dataset``:
+    'video' [V, ...] and 'video_mask' [V], the first V videos of each), and 'row'
+    is the row of each study's first video.
     """
     from input_pipeline import pipeline  # TensorFlow
 
     process_count = jax.process_count()
-    dataset = pipeline.make_eval_dataset(
-        spec.data_dir,
-        split,
-        pp,
-        batch_size // process_count,
-        process_index=jax.process_index(),
-        process_count=process_count,
-    )
+    local_batch_size = batch_size // process_count
+    where = dict(process_index=jax.process_index(), process_count=process_count)
+    if study_videos is None:
+        dataset = pipeline.make_eval_dataset(spec.data_dir, split, pp, local_batch_size, **where)
+    else:
+        dataset = pipeline.make_study_eval_dataset(
+            spec.data_dir, split, pp, local_batch_size, study_videos=study_videos, **where
+        )
     pipeline.check_clip_shape(
         tuple(dataset.element_spec["video"].shape), spec.clip_shape, "eval_video_pp"
     )
@@ -398,22 +404,3 @@ def encode_texts(
         emb = encode(params, batch)["text_emb"]
         embeddings.append(np.asarray(jax.device_get(emb))[: len(chunk)])
     return np.concatenate(embeddings)
-
-
-def study_mean(
-    embeddings: np.ndarray, study_ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Study-level embeddings: the L2-normalised mean of each study's video embeddings.
-
-    Returns (study embeddings [S, E], the study ids [S] in order of first
-    appearance, each video's study index [V]).
-    """
-    studies, first, index = np.unique(study_ids, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # studies in order of first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    index = rank[index]
-    sums = np.zeros((len(studies), embeddings.shape[1]), np.float64)
-    np.add.at(sums, index, embeddings)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, 1e-12)).astype(np.float32), studies[order], index

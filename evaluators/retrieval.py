@@ -372,8 +372,11 @@ class Evaluator(common.Evaluator):
     """Retrieval between a split's videos (or studies) and its unique reports.
 
     Queries of video->report are the split's videos (``level='video'``) or its
-    studies (``level='study'``: the normalised mean of the study's video
-    embeddings); candidates are the split's distinct report texts (identical
+    studies (``level='study'``: the model's own study embedding, its pooling over
+    the tokens of all the study's videos at once, as study-level training
+    computes it, of the first ``study_videos`` videos in view order; default:
+    as many as the split's largest study has, so every video counts); candidates
+    are the split's distinct report texts (identical
     reports are one candidate). A candidate is relevant to a query when it is the
     query's own report (``relevance='text'``) or when it states the same findings
     (``relevance='findings'``: `reports.findings_key`, so reports that say the same thing
@@ -421,6 +424,7 @@ class Evaluator(common.Evaluator):
         spec: common.EvalSpec,
         *,
         level: str = "video",
+        study_videos: int | None = None,
         ks: Sequence[int] = (1, 5, 10, 50),
         relevance: str = "text",
         anatomy_columns: Sequence[str] | None = None,
@@ -437,7 +441,10 @@ class Evaluator(common.Evaluator):
             raise ValueError(f"{self.where}.relevance={relevance!r}: choose one of {RELEVANCE}")
         if bootstrap < 0:
             raise ValueError(f"{self.where}.bootstrap={bootstrap} must be at least 0")
-        self.level, self.relevance = level, relevance
+        if study_videos is not None and (level != "study" or study_videos < 1):
+            raise ValueError(f"{self.where}.study_videos={study_videos}: a positive number, "
+                             "with level='study'")
+        self.level, self.relevance, self.study_videos = level, relevance, study_videos
         self.bootstrap, self.seed = int(bootstrap), int(seed)
         self.ks = _check_ks(ks)
         common.require_split(spec, self.split)
@@ -456,6 +463,15 @@ class Evaluator(common.Evaluator):
 
     def run(self, params: Any, step: int) -> dict[str, float]:
         del step  # retrieval writes no artefacts
+        table = common.split_table(self.spec.data_dir, self.split)
+        study_videos = None
+        if self.level == "study":
+            study_videos = self.study_videos or int(table["video_in_study"].max()) + 1
+            pairs = set(zip(table["study_id"].tolist(), table["report"].tolist(), strict=True))
+            if len(pairs) > len(set(table["study_id"].tolist())):
+                logging.warning(
+                    "%s: the videos of a study carry different reports (per-view reports?); "
+                    "each study is matched with its first video's report", self.name)
         out = common.predict_split(
             self.spec,
             self._embed_videos,
@@ -463,20 +479,12 @@ class Evaluator(common.Evaluator):
             split=self.split,
             pp=self.spec.pp(),
             batch_size=self.batch_size,
+            study_videos=study_videos,
         )
-        facts = common.join_rows(common.split_table(self.spec.data_dir, self.split), out["row"])
+        facts = common.join_rows(table, out["row"])  # a study: its first video's
         query_emb, query_reports = out["video_emb"], facts["report"]
         anatomy = None
-        if self.level == "study":
-            query_emb, _, study_of_video = common.study_mean(query_emb, facts["study_id"])
-            first_video = np.unique(study_of_video, return_index=True)[1]
-            pairs = set(zip(study_of_video.tolist(), query_reports.tolist(), strict=True))
-            if len(pairs) > len(first_video):
-                logging.warning(
-                    "%s: the videos of a study carry different reports (per-view reports?); "
-                    "each study is matched with its first video's report", self.name)
-            query_reports = query_reports[first_video]
-        elif self.anatomy_columns:
+        if self.level == "video" and self.anatomy_columns:
             anatomy = common.anatomy_keys(facts, self.anatomy_columns)
         candidates, report_index = unique_reports(query_reports.tolist())
         text_emb = common.encode_texts(

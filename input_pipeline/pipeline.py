@@ -36,6 +36,7 @@ except RuntimeError:  # TF already initialised its devices (someone used it firs
 
 MASK_KEY = "_mask"
 VIDEO_MASK_KEY = "video_mask"
+ROW_KEY = "row"
 
 
 def _options() -> tf.data.Options:
@@ -291,6 +292,82 @@ def make_eval_dataset(
         deterministic=True,
     )
     num_padding = num_batches * batch_size - sizes[process_index]
+    if num_padding:
+        padding = _padding_example(ds.element_spec)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+    return ds.with_options(_options())
+
+
+def _studies_per_part(data_dir: str, split: str, process_count: int) -> list[int]:
+    """How many studies each process's part of `split` holds: those whose first video
+    lies in the part (as ``_read_studies`` assigns them)."""
+    counts = []
+    for part in tfds.even_splits(split, n=process_count):
+        ds = dataset_format.builder(data_dir).as_dataset(
+            split=part, shuffle_files=False, decoders={"frames": tfds.decode.SkipDecoding()}
+        )
+        firsts = ds.map(lambda example: tf.cast(example["video_in_study"] == 0, tf.int64))
+        counts.append(int(firsts.reduce(tf.constant(0, tf.int64), lambda a, b: a + b)))
+    return counts
+
+
+def make_study_eval_dataset(
+    data_dir: str,
+    split: str,
+    pp: str,
+    batch_size: int,
+    *,
+    study_videos: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    prefetch: int = 2,
+) -> tf.data.Dataset:
+    """A finite, ordered pass over this process's whole studies of `split`, in batches of
+    `batch_size` studies.
+
+    A study example holds its first `study_videos` videos in view order, each
+    through the pp (``train=False``) and stacked to [study_videos, ...], with
+    ``video_mask`` [study_videos] (a study with fewer videos repeats its first in
+    the remaining slots, marked False), ``row`` the manifest row of its first
+    video and ``_mask`` True. Every study of the split appears exactly once over all
+    processes; each process pads with ``_mask`` False studies up to the same
+    number of batches, as ``make_eval_dataset`` does.
+    """
+    _check_process(process_index, process_count)
+    if batch_size <= 0 or study_videos <= 0:
+        raise ValueError(
+            f"batch_size and study_videos must be positive, got {batch_size}, {study_videos}"
+        )
+    preprocess = ops.get_preprocess_fn(pp, train=False, data_dir=data_dir)
+    counts = _studies_per_part(data_dir, split, process_count)
+    num_batches = math.ceil(max(counts) / batch_size)
+
+    def first_videos(study: dict) -> dict:
+        count = tf.minimum(tf.shape(study["row"])[0], study_videos)
+        slots = tf.concat([tf.range(count), tf.zeros([study_videos - count], tf.int32)], 0)
+        frames = tf.RaggedTensor.from_row_lengths(study.pop("frames"), study["num_frames"])
+        selected = tf.nest.map_structure(lambda x: tf.gather(x, slots), study)
+        selected["frames"] = tf.gather(frames, slots).to_tensor()
+        selected[VIDEO_MASK_KEY] = tf.range(study_videos) < count
+        return selected
+
+    def preprocess_video(example: dict) -> dict:
+        video_mask = example.pop(VIDEO_MASK_KEY)
+        example["frames"] = example["frames"][: example["num_frames"]]
+        return {**preprocess(example), VIDEO_MASK_KEY: video_mask, ROW_KEY: example["row"]}
+
+    def study_example(videos: dict) -> dict:
+        return {"video": videos["video"], VIDEO_MASK_KEY: videos[VIDEO_MASK_KEY],
+                ROW_KEY: videos[ROW_KEY][0], MASK_KEY: tf.constant(True)}
+
+    ds = _read_studies(data_dir, split, process_index, process_count)
+    ds = ds.map(first_videos, num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.unbatch().map(preprocess_video, num_parallel_calls=num_parallel_calls,
+                          deterministic=True)
+    ds = ds.batch(study_videos, drop_remainder=True).map(study_example)
+    num_padding = num_batches * batch_size - counts[process_index]
     if num_padding:
         padding = _padding_example(ds.element_spec)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))

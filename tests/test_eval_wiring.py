@@ -185,3 +185,25 @@ def test_a_type_is_registered_once():
         common.register("retrieval")(type("Evaluator", (common.Evaluator,), {}))
     with pytest.raises(TypeError, match="is not a common.Evaluator"):
         common.register("not_an_evaluator")(object)
+
+
+def test_study_level_training_and_retrieval_end_to_end(synthetic_data, tmp_path):
+    """train.main on whole studies (input.study_videos: the encoder pools the tokens of a
+    study's videos together), evaluated by study-level retrieval, which embeds each
+    study the same way."""
+    config = micro_run_config(synthetic_data)
+    config.input.study_videos = 2
+    config.evals = {
+        "study_retrieval": dict(type="retrieval", log_steps=2, split="train", batch_size=8,
+                                level="study")
+    }
+    returned = train.main(config, str(tmp_path / "studies"))
+    table = common.split_table(synthetic_data, "train")
+    assert returned["study_retrieval/v2t_num_queries"] == len(set(table["study_id"].tolist()))
+    assert all(value == value for value in returned.values())  # no NaN
+    records = [json.loads(x) for x in (tmp_path / "studies/metrics.jsonl").read_text().split("\n")
+               if x]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    # The run trained on [B, 2, T, H, W, C] studies, and says so in its config.
+    saved = json.loads((tmp_path / "studies/config.json").read_text())
+    assert saved["input"]["study_videos"] == 2

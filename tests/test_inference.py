@@ -256,6 +256,42 @@ def test_infer_fails_only_when_no_file_worked(tiny_run, tmp_path, capsys):
     assert "zero-byte file" in captured.err and "missing file" in captured.err
 
 
+def test_infer_study_writes_one_report_from_all_the_files(
+    run, tiny_run, synthetic_data, split_examples, tmp_path, capsys
+):
+    """--study: the files are encoded as one study (the model's study input with every
+    video real), a bad file reported and left out."""
+    study_id = split_examples[0]["study_id"]
+    examples = [e for e in split_examples if e["study_id"] == study_id]
+    sources = [_source_file(synthetic_data, e) for e in examples]
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    code = infer.main(["--workdir", tiny_run[0], "--json", "--study", sources[0], str(bad),
+                       *sources[1:]])
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    errors, results = lines[:-1], lines[-1:]
+    assert [e["file"] for e in errors] == [str(bad)]
+    (record,) = results
+    assert record["files"] == sources
+    clips = np.stack([_dataset_clip(run, e) for e in examples])[None]  # [1, V, T, H, W, C]
+    mask = np.ones(clips.shape[:2], bool)
+    expected = inference.generate_reports(run, clips, video_mask=mask).texts[0]
+    assert record["report"] == expected
+    study_emb = inference.embed_videos(run, clips, video_mask=mask)[0]
+    bank = list(dict.fromkeys(e["report"].decode() for e in split_examples))
+    similarities = inference.embed_texts(run, bank) @ study_emb
+    best = np.argsort(-similarities, kind="stable")[: len(record["top_k"])]
+    assert [m["report"] for m in record["top_k"]] == [bank[i] for i in best]
+    # The decoder read the tokens of every video of the study at once.
+    _, study_aux = run.model.apply({"params": run.params}, clips, mask, method="encode_video")
+    _, video_aux = run.model.apply({"params": run.params}, clips[0, :1], method="encode_video")
+    assert study_aux["video_tokens"].shape[1] == len(examples) * video_aux["video_tokens"].shape[1]
+    with pytest.raises(SystemExit):
+        infer.main(["--workdir", tiny_run[0], "--study", "--attention", str(tmp_path), sources[0]])
+
+
 # ------------------------------------------------------------------------------ export
 
 

@@ -205,6 +205,39 @@ def test_study_parts_hold_whole_studies_disjointly(dataset):
     assert set().union(*owned) == set(range(8)) and sum(map(len, owned)) == 8
 
 
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_study_eval_covers_every_study_once_in_equal_batches(dataset, process_count):
+    """Each study once over the processes, its first 2 videos' clips (in view order,
+    the same clips as video-level evaluation) with their mask, padding studies last."""
+    pp = "decode_sample_frames(2)|resize(8)|keep('video', 'row')"
+    clips = {}
+    for batch in pipeline.make_eval_dataset(dataset["dir"], "train", pp, 4).as_numpy_iterator():
+        clips.update(zip(batch["row"][batch["_mask"]].tolist(), batch["video"][batch["_mask"]],
+                         strict=True))
+    seen, batch_counts = [], set()
+    for index in range(process_count):
+        ds = pipeline.make_study_eval_dataset(dataset["dir"], "train", pp, 2, study_videos=2,
+                                              process_index=index, process_count=process_count)
+        batches = list(ds.as_numpy_iterator())
+        batch_counts.add(len(batches))
+        for batch in batches:
+            assert batch["video"].shape == (2, 2, 2, 8, 8, 1)
+            for real, row, video, mask in zip(batch["_mask"], batch["row"], batch["video"],
+                                              batch["video_mask"], strict=True):
+                if not real:
+                    assert not mask.any()
+                    continue
+                study = dataset["studies"][dataset["study_of_row"][int(row)]]
+                assert int(row) == study[0]
+                np.testing.assert_array_equal(mask, np.arange(2) < len(study))
+                for slot in range(2):
+                    expected = clips[study[slot] if slot < len(study) else study[0]]
+                    np.testing.assert_array_equal(video[slot], expected)
+                seen.append(int(row))
+    assert sorted(seen) == sorted(rows[0] for rows in dataset["studies"])
+    assert len(batch_counts) == 1
+
+
 @pytest.mark.parametrize("study_videos", [None, 2])
 def test_restored_iterator_continues_the_exact_stream(dataset, tmp_path, study_videos):
     def make():

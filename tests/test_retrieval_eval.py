@@ -232,3 +232,46 @@ def test_findings_relevance_and_ceilings_equal_an_independent_computation(
             assert metrics[f"v2t_{stratum}/oracle_anatomy_recall@1"] == pytest.approx(
                 simulated, abs=0.03)
     assert "v2t_cto/num_queries" in metrics
+
+
+def test_study_level_embeds_each_study_with_the_models_own_pooling(results, synthetic_data):
+    """A study's query is the model on its stacked clips (all its videos, with their
+    mask), not the mean of its videos' embeddings: recomputed here study by study."""
+    from input_pipeline import pipeline
+
+    metrics, ctx, params, evaluator = results[8, 8, "study"]
+    table = common.split_table(synthetic_data, SPLIT)
+    clips = {}
+    for batch in pipeline.make_eval_dataset(
+        synthetic_data, SPLIT, ctx.spec.pp(), 4
+    ).as_numpy_iterator():
+        clips.update({int(r): v for r, v, m in zip(batch["row"], batch["video"], batch["_mask"],
+                                                   strict=True) if m})
+    largest = int(table["video_in_study"].max()) + 1
+    studies = list(dict.fromkeys(table["study_id"].tolist()))  # in row order
+    study_emb, video_means, first_reports = [], [], []
+    for study in studies:
+        rows = [int(r) for r, s in zip(table["row"], table["study_id"], strict=True) if s == study]
+        stacked = np.stack([clips[r] for r in rows] + [clips[rows[0]]] * (largest - len(rows)))
+        mask = np.arange(largest) < len(rows)
+        emb, _ = ctx.model.apply({"params": params}, jnp.asarray(stacked[None]),
+                                 jnp.asarray(mask[None]), method="encode_video")
+        study_emb.append(np.asarray(emb)[0])
+        videos, _ = ctx.model.apply({"params": params}, jnp.asarray(stacked[mask]),
+                                    method="encode_video")
+        video_means.append(np.asarray(videos).mean(axis=0))
+        first_reports.append(table["report"][table["row"].tolist().index(rows[0])])
+    study_emb = np.stack(study_emb)
+    texts = sorted(set(first_reports))
+    text_emb = common.encode_texts(ctx.spec, evaluator._embed_texts, params, texts, 8)
+    truth = text_emb[[texts.index(r) for r in first_reports]]
+    np.testing.assert_allclose(
+        metrics["alignment"], np.sum(study_emb * truth, axis=1).mean(), rtol=1e-5, atol=1e-6
+    )
+    means = np.stack(video_means)
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    assert not np.allclose(means, study_emb, atol=1e-3)  # the old, averaged embedding differs
+    # The split's predictions as the evaluator gets them: one per study, in row order.
+    out = common.predict_split(ctx.spec, evaluator._embed_videos, params, split=SPLIT,
+                               pp=ctx.spec.pp(), batch_size=8, study_videos=largest)
+    np.testing.assert_allclose(out["video_emb"], study_emb, atol=1e-5)

@@ -2,7 +2,7 @@
 
 Usage:
   python -m deepcoro_jax.tools.infer --workdir DIR [--checkpoint STEP] [--bank CSV] [--top_k 5]
-      [--json] [--attention OUTDIR] [--beam N] FILE...
+      [--json] [--attention OUTDIR] [--beam N] [--study] FILE...
 
 For each file: the report the caption decoder writes (greedy, or beam search
 with ``--beam N``), the findings ``reports.parse_result`` reads from it, and the
@@ -14,6 +14,10 @@ unique non-empty values of the ``report`` column (any case) of ``--bank CSV``
 ('α'- or comma-separated, as manifests are). ``--attention OUTDIR`` also writes
 the decoder's cross-attention per sentence as ``OUTDIR/<NNN>_<name>.png`` and
 ``.gif`` (``attention_maps``). ``--json`` prints one JSON object per file.
+``--study``: the files are the videos of one study, encoded together as the
+model encodes a study (its pooling and the decoder read the tokens of every
+video at once), for one report and one embedding; files that cannot be read are
+reported and left out of the study.
 
 A file is decoded exactly as ``prepare`` decoded the training videos
 (``video_io.load_video`` at the dataset's frame size, ``--max_frames`` and
@@ -246,6 +250,40 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
     return processed
 
 
+def run_study(run: inference.Run, files: Sequence[str], args: argparse.Namespace) -> int:
+    """The files as one study: one result (``file``: the files joined by ', ', ``files``:
+    the ones used). Returns 1 when any file was used, else 0."""
+    from input_pipeline import video_io
+
+    bank = load_bank(run, args.bank) or []
+    load_clip = make_clip_loader(run)
+    clips, used = [], []
+    for path in files:
+        try:
+            clips.append(load_clip(path))
+            used.append(path)
+        except video_io.VideoError as e:
+            _print_error(path, str(e), args.json)
+        except Exception as e:  # a bad file must not stop the others
+            _print_error(path, f"{type(e).__name__}: {e}", args.json)
+    if not clips:
+        return 0
+    study = np.stack(clips)[None]  # [1, V, T, H, W, 1]
+    mask = np.ones(study.shape[:2], bool)
+    video_emb = inference.embed_videos(run, study, 1, video_mask=mask)  # [1, E]
+    if bank:
+        similarities = video_emb @ inference.embed_texts(run, bank).T
+    else:
+        similarities = np.zeros((1, 0), np.float32)
+    generated = inference.generate_reports(run, study, beam_size=args.beam, batch_size=1,
+                                           video_mask=mask)
+    record = _result_record(", ".join(used), generated.texts[0], similarities[0], bank,
+                            min(args.top_k, len(bank)), run.step)
+    record["files"] = used
+    _print_result(record, args.json)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deepcoro_jax.tools.infer",
@@ -257,8 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
     parser.add_argument("--attention", metavar="OUTDIR", help="write attention maps here")
     parser.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy)")
+    parser.add_argument(
+        "--study", action="store_true", help="the files are one study: one report for all"
+    )
     parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, AVI, MP4 or .npy")
     args = parser.parse_args(argv)
+    if args.study and args.attention:
+        parser.error("--attention draws one video's maps; it does not combine with --study")
     for name in ("workdir", "bank", "attention"):
         setattr(args, name, paths.resolve(getattr(args, name)) if getattr(args, name) else None)
     args.files = [paths.resolve(f) for f in args.files]
@@ -267,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = inference.load_run(args.workdir, args.checkpoint)
         if not args.json:
             print(f"run {args.workdir}, checkpoint {run.step}", flush=True)
-        processed = run_files(run, args.files, args)
+        processed = (run_study if args.study else run_files)(run, args.files, args)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=console.terminal())
         return 2

@@ -219,27 +219,53 @@ def _device_batches(run: Run, arrays: Sequence[np.ndarray], batch_size: int):
         yield chunk, real
 
 
-def _check_clips(videos: np.ndarray, where: str) -> np.ndarray:
+def _check_clips(
+    videos: np.ndarray, where: str, video_mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float32 clips [N, T, H, W, C], or studies [N, V, T, H, W, C] with `video_mask`
+    [N, V] (True for real videos)."""
     videos = np.asarray(videos)
-    if videos.ndim != 5 or not np.issubdtype(videos.dtype, np.floating):
+    ndim = 5 if video_mask is None else 6
+    shape = "[N, T, H, W, C]" if video_mask is None else "[N, V, T, H, W, C]"
+    if videos.ndim != ndim or not np.issubdtype(videos.dtype, np.floating):
         raise ValueError(
-            f"{where}: videos must be float clips [N, T, H, W, C] (the eval pp's output), "
+            f"{where}: videos must be float clips {shape} (the eval pp's output), "
             f"got {videos.dtype} {videos.shape}"
         )
     if len(videos) == 0:
         raise ValueError(f"{where}: no videos")
-    return videos.astype(np.float32, copy=False)
+    if video_mask is not None:
+        video_mask = np.asarray(video_mask, bool)
+        if video_mask.shape != videos.shape[:2] or not video_mask.any(axis=1).all():
+            raise ValueError(
+                f"{where}: video_mask must be [N, V] = {videos.shape[:2]} with a real video "
+                f"in every study, got {video_mask.shape}"
+            )
+    return videos.astype(np.float32, copy=False), video_mask
+
+
+def _video_batches(run: Run, videos: np.ndarray, video_mask, batch_size: int):
+    """(batch dict, real rows) of clips, or of studies with their 'video_mask'."""
+    arrays = [videos] if video_mask is None else [videos, video_mask]
+    for chunk, real in _device_batches(run, arrays, batch_size):
+        batch = {"video": chunk[0]}
+        if video_mask is not None:
+            batch["video_mask"] = chunk[1]
+        yield batch, real
 
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def embed_videos(run: Run, videos: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """L2-normalised video embeddings float32 [N, E] of clips [N, T, H, W, C]."""
-    videos = _check_clips(videos, "embed_videos")
+def embed_videos(
+    run: Run, videos: np.ndarray, batch_size: int = 32, *, video_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """L2-normalised video embeddings float32 [N, E] of clips [N, T, H, W, C], or of
+    studies [N, V, T, H, W, C] with `video_mask` [N, V] (the model's study pooling)."""
+    videos, video_mask = _check_clips(videos, "embed_videos", video_mask)
     out = []
-    for (video,), real in _device_batches(run, [videos], batch_size):
-        emb = run.predict["encode_video"](run.params, {"video": video})["video_emb"]
+    for batch, real in _video_batches(run, videos, video_mask, batch_size):
+        emb = run.predict["encode_video"](run.params, batch)["video_emb"]
         out.append(np.asarray(jax.device_get(emb))[:real])
     return np.concatenate(out)
 
@@ -273,16 +299,23 @@ def embed_texts(run: Run, texts: Sequence[str], batch_size: int = 64) -> np.ndar
 
 
 def generate_reports(
-    run: Run, videos: np.ndarray, *, beam_size: int = 1, batch_size: int = 16
+    run: Run,
+    videos: np.ndarray,
+    *,
+    beam_size: int = 1,
+    batch_size: int = 16,
+    video_mask: np.ndarray | None = None,
 ) -> GeneratedReports:
-    """Reports written by the caption decoder for clips [N, T, H, W, C].
+    """Reports written by the caption decoder for clips [N, T, H, W, C], or one per study
+    [N, V, T, H, W, C] with `video_mask` [N, V] (the decoder reads the tokens of all the
+    study's videos).
 
     `beam_size` 1 decodes greedily, more runs beam search (``decode.beam_search``
     with its default length penalty). Decoding stops at EOS or ``caption_max_len``.
     """
     if beam_size < 1:
         raise ValueError(f"generate_reports: beam_size must be at least 1, got {beam_size}")
-    videos = _check_clips(videos, "generate_reports")
+    videos, video_mask = _check_clips(videos, "generate_reports", video_mask)
     tok = run.caption_tokenizer
     options = dict(
         bos_id=tok.bos_id,
@@ -293,8 +326,8 @@ def generate_reports(
         beam_size=beam_size,
     )
     tokens = []
-    for (video,), real in _device_batches(run, [videos], batch_size):
-        memory = run.predict["encode_video"](run.params, {"video": video})
+    for batch, real in _video_batches(run, videos, video_mask, batch_size):
+        memory = run.predict["encode_video"](run.params, batch)
         out = run.predict["generate"](run.params, memory, **options)["tokens"]
         tokens.append(np.asarray(jax.device_get(out))[:real])
     all_tokens = np.concatenate(tokens).astype(np.int32)
