@@ -41,6 +41,9 @@ DEMO_FLAGS = " ".join(
         "--config.input.synthetic.num_frames='(16, 20)'",
         "--config.total_steps=4",
         "--config.optim.schedule.warmup_steps=1",
+        # A constant rate: its step does not depend on total_steps, so `make demo` again
+        # with more steps loads the compiled step instead of compiling it anew.
+        "--config.optim.schedule.decay_type=constant",
         "--config.ckpt_steps=2",
         "--config.log_training_steps=2",
         "--config.input.batch_size=8",

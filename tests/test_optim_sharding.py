@@ -89,6 +89,18 @@ def test_lr_schedules_against_formulas(decay_type):
         np.testing.assert_allclose(float(fn(step)), base * w * expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decay_type", ["cosine", "linear", "rsqrt", "constant"])
+def test_only_decays_to_an_end_depend_on_the_length(decay_type):
+    """rsqrt and constant compile to the same program for any total_steps, so a relaunch
+    that extends the run loads its step from the compilation cache."""
+
+    def program(total):
+        fn = optim.lr_schedule(0.5, total, decay_type=decay_type, warmup_steps=10)
+        return jax.jit(fn).lower(jnp.int32(0)).as_text()
+
+    assert (program(100) == program(250)) == (decay_type in ("rsqrt", "constant"))
+
+
 def test_loss_weight_schedules():
     assert float(optim.loss_weight(0.3, 100)) == pytest.approx(0.3)
     ramp = {"type": "linear_warmup", "value": 2.0, "start": 10, "steps": 20}

@@ -56,16 +56,20 @@ def lr_schedule(
             f"warmup_steps={warmup_steps} must be within [0, total_steps={total_steps}]"
         )
 
+    def progress(after):  # 0 -> 1 over the steps after the warmup
+        return jnp.clip(after / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+
+    # Only cosine and linear depend on total_steps: with rsqrt or constant the compiled
+    # step is the same for any length, so a relaunch with another total_steps loads it
+    # from the compilation cache.
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warmup = jnp.minimum(1.0, (step + 1.0) / warmup_steps) if warmup_steps else 1.0
         after = jnp.maximum(step - warmup_steps, 0.0)
-        decay_steps = max(total_steps - warmup_steps, 1)
-        progress = jnp.clip(after / decay_steps, 0.0, 1.0)
         if decay_type == "cosine":
-            decay = end_lr_frac + (1 - end_lr_frac) * 0.5 * (1 + jnp.cos(math.pi * progress))
+            decay = end_lr_frac + (1 - end_lr_frac) * 0.5 * (1 + jnp.cos(math.pi * progress(after)))
         elif decay_type == "linear":
-            decay = end_lr_frac + (1 - end_lr_frac) * (1 - progress)
+            decay = end_lr_frac + (1 - end_lr_frac) * (1 - progress(after))
         elif decay_type == "rsqrt":
             decay = jnp.sqrt(timescale / (timescale + after))
         else:
