@@ -182,6 +182,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # negatives; 'same_report': identical text only; 'diagonal': the paired report only.
     config.loss.positives = "same_findings"
     config.loss.sharded_contrastive = False  # the ring-sharded sigmoid loss (large batches)
+    # With grad_accum_steps > 1: 'micro' compares each video with its micro-batch's
+    # reports only; 'cached' (GradCache) with the whole batch's, exactly, for one more
+    # forward pass.
+    config.loss.contrastive_accumulation = "micro"
     config.loss.label_smoothing = 0.1
     config.loss.weights = ml_collections.ConfigDict(
         dict(contrastive=1.0, caption=1.0, mvm=1.0, distill=0.0)

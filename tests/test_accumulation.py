@@ -1,6 +1,7 @@
 """Gradient accumulation (config.grad_accum_steps), tested on the train step itself:
-k micro-batches equal one step on the whole batch, and the MVM term is normalised by
-the whole batch's masked tubelets."""
+k micro-batches equal one step on the whole batch, the MVM term is normalised by
+the whole batch's masked tubelets, and with loss.contrastive_accumulation='cached'
+the SigLIP term is exact too, on 1 and 4 devices."""
 
 import jax
 import ml_collections
@@ -25,10 +26,11 @@ def _accumulation_config(accum_steps: int) -> ml_collections.ConfigDict:
     config.model.encoder_overrides.depth = 1
     config.model.encoder_overrides.stem = "linear"
     config.model.caption_decoder_overrides.num_layers = 1
-    # Contrastive off (it does not decompose); MVM computed but weighted 0 at step 0.
+    # SigLIP on, accumulated exactly ('cached'); MVM computed but weighted 0 at step 0.
+    config.loss.contrastive_accumulation = "cached"
     config.loss.weights = ml_collections.ConfigDict(
         dict(
-            contrastive=0.0,
+            contrastive=1.0,
             caption=1.0,
             distill=0.0,
             mvm=dict(type="step", values=[0.0, 1.0], boundaries=[10]),
@@ -38,12 +40,12 @@ def _accumulation_config(accum_steps: int) -> ml_collections.ConfigDict:
     return config
 
 
-def _study_batch(vocab_size: int) -> tuple[dict, float]:
+def _study_batch(vocab_size: int, batch_size: int = 8) -> tuple[dict, float]:
     """8 studies of 2 video slots; even examples hold long reports and 2 real videos,
     odd ones short reports and 1, so the two micro-batches' counts differ. Each video
     is one constant value: with a zero MVM head its error is that value squared."""
     rng = np.random.default_rng(0)
-    batch_size, slots, length = 8, 2, 12
+    slots, length = 2, 12
     values = rng.uniform(-1, 1, (batch_size, slots)).astype(np.float32)
     video = np.broadcast_to(values[:, :, None, None, None, None], (batch_size, slots, 4, 16, 16, 1))
     video_mask = np.array([[True, i % 2 == 0] for i in range(batch_size)])
@@ -68,53 +70,64 @@ def _study_batch(vocab_size: int) -> tuple[dict, float]:
     return batch, expected_mvm
 
 
+def _one_step(config, batch, vocab_size: int, devices: int):
+    """(params, metrics) after one train step of `config` on `batch`, from the seed-0
+    state (its MVM head zeroed), on a data-parallel mesh of `devices` devices."""
+    mesh = sharding.make_mesh((("data", devices), ("fsdp", 1)), devices=jax.devices()[:devices])
+    model = run.build_model(config, vocab_size, pad_id=0)
+    example = {k: v[:1] for k, v in batch.items()}
+    params_shape = jax.eval_shape(
+        lambda r: model.init(
+            {"params": r, "mask": r, "dropout": r, "parallel": r}, example, train=False
+        )["params"],
+        jax.random.key(0),
+    )
+    tx, schedules = run.make_optimizer(config, params_shape, total_steps=10, warmup_steps=0)
+    init_fn = run.create_train_state(model, tx, example, with_teacher=False)
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = run.state_shardings(abstract_state, config, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(0))
+    params = dict(state.params)
+    head = params["mvm_decoder"]["head"]
+    params["mvm_decoder"] = {**params["mvm_decoder"], "head": jax.tree.map(lambda x: x * 0, head)}
+    state = state.replace(params=params)
+    step = jax.jit(
+        run.make_train_step(model, tx, config, mesh, schedules),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+    )
+    new_state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    return jax.device_get(new_state.params), jax.device_get(metrics)
+
+
+# (grad_accum_steps, devices) of the steps compared with one step on the whole batch.
+ACCUMULATED = ((2, 1), (4, 4))
+
+
 @pytest.fixture(scope="module")
 def accumulation_results():
-    """One train step with k=1 and with k=2 micro-batches on the same state and batch."""
+    """One train step on the same state and batch of 16 studies: k=1 on one device, and
+    k=2 (one device) and k=4 (four) micro-batches, the contrastive term cached."""
     vocab_size = 40
-    mesh = sharding.make_mesh((("data", 1), ("fsdp", 1)), devices=jax.devices()[:1])
-    batch, expected_mvm = _study_batch(vocab_size)
+    batch, expected_mvm = _study_batch(vocab_size, batch_size=16)
     results = {}
-    for accum_steps in (1, 2):
+    for accum_steps, devices in ((1, 1), *ACCUMULATED):
         config = _accumulation_config(accum_steps)
-        model = run.build_model(config, vocab_size, pad_id=0)
-        example = {k: v[:1] for k, v in batch.items()}
-        params_shape = jax.eval_shape(
-            lambda r, model=model, example=example: model.init(
-                {"params": r, "mask": r, "dropout": r, "parallel": r}, example, train=False
-            )["params"],
-            jax.random.key(0),
-        )
-        tx, schedules = run.make_optimizer(config, params_shape, total_steps=10, warmup_steps=0)
-        init_fn = run.create_train_state(model, tx, example, with_teacher=False)
-        abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = run.state_shardings(abstract_state, config, mesh)
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(0))
-        head = state.params["mvm_decoder"]["head"]
-        params = dict(state.params)
-        params["mvm_decoder"] = {
-            **params["mvm_decoder"],
-            "head": jax.tree.map(lambda x: x * 0, head),
-        }
-        state = state.replace(params=params)
-        step = jax.jit(
-            run.make_train_step(model, tx, config, mesh, schedules),
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-        )
-        new_state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
-        results[accum_steps] = (jax.device_get(new_state.params), jax.device_get(metrics))
+        results[accum_steps] = _one_step(config, batch, vocab_size, devices)
     return results, expected_mvm
 
 
 @pytest.mark.slow
-def test_accumulation_equals_one_large_step(accumulation_results):
+@pytest.mark.parametrize(("accum_steps", "devices"), ACCUMULATED)
+def test_accumulation_equals_one_large_step(accumulation_results, accum_steps, devices):
+    """Every loss term, SigLIP included (cached), the gradient norm and the updated
+    parameters equal one step on the whole batch."""
     results, _ = accumulation_results
-    (params_1, metrics_1), (params_2, metrics_2) = results[1], results[2]
-    np.testing.assert_allclose(metrics_2["loss/caption"], metrics_1["loss/caption"], rtol=1e-6)
-    np.testing.assert_allclose(metrics_2["l2_grads"], metrics_1["l2_grads"], rtol=1e-5)
+    (params_1, metrics_1), (params_k, metrics_k) = results[1], results[accum_steps]
+    for name in ("loss/contrastive", "loss/caption", "loss/mvm", "loss", "l2_grads"):
+        np.testing.assert_allclose(metrics_k[name], metrics_1[name], rtol=1e-5, err_msg=name)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_2, params_1
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_k, params_1
     )
     doc = " ".join(run.make_train_step.__doc__.split())
     assert "The contrastive term does not decompose" in doc
@@ -124,5 +137,6 @@ def test_accumulation_equals_one_large_step(accumulation_results):
 @pytest.mark.slow
 def test_accumulated_mvm_is_normalised_by_the_whole_batch(accumulation_results):
     results, expected_mvm = accumulation_results
-    for accum_steps in (1, 2):
+    for accum_steps in (1, *(k for k, _ in ACCUMULATED)):
         np.testing.assert_allclose(results[accum_steps][1]["loss/mvm"], expected_mvm, rtol=1e-6)
+

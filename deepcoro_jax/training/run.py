@@ -53,6 +53,8 @@ from deepcoro_jax.training import checkpoint, optim, sharding
 from evaluators import common as eval_common
 
 LOSS_TERMS = ("contrastive", "caption", "mvm", "distill")
+# How grad_accum_steps treats the contrastive term (make_train_step).
+CONTRASTIVE_ACCUMULATION = ("micro", "cached")
 DURATION_UNITS = ("steps", "examples", "epochs", "percent")  # in order of precedence
 # Nominal dense bf16 matmul peaks (FLOP/s) by exact `device_kind`, for the logged MFU.
 PEAK_FLOPS = {
@@ -573,10 +575,23 @@ def make_train_step(
     Each micro-batch i draws its dropout and MVM masks from
     ``fold_in(fold_in(state.rng, state.step), i)``.
 
+    With ``loss.contrastive_accumulation='cached'`` (and k > 1) the contrastive
+    term is exact too, GradCache-style: a first pass computes every
+    micro-batch's embeddings (forward only, nothing kept but the embeddings),
+    the whole batch's contrastive loss and its gradient with respect to them;
+    each micro-batch's backward pass then carries those embedding gradients
+    along with its other terms. It costs one more forward pass of the model.
+
     The EMA teacher (when the distill weight is not 0) sees the same rngs as
     the student and is updated once per step, after the parameters.
     """
     k = config.grad_accum_steps
+    accumulation = config.loss.contrastive_accumulation
+    if accumulation not in CONTRASTIVE_ACCUMULATION:
+        raise ValueError(f"config.loss.contrastive_accumulation={accumulation!r}: choose one "
+                         f"of {CONTRASTIVE_ACCUMULATION}")
+    cached = k > 1 and accumulation == "cached"
+    positives_key = positive_ids_key(config)
     with_mvm, with_teacher = uses_mvm(config), uses_teacher(config)
     weights = config.loss.weights
     label_smoothing = config.loss.label_smoothing
@@ -587,14 +602,28 @@ def make_train_step(
     # decoder reads the visible tokens.
     teacher_mvm = with_mvm and model.contrastive_tokens == "masked"
 
-    def loss_fn(params, teacher_params, batch, rng, counts, step):
+    def forward(params, batch, rng):
         rngs = dict(zip(("dropout", "mask", "parallel"), jax.random.split(rng, 3), strict=True))
         out, _ = model.apply({"params": params}, batch, train=True, mvm=with_mvm, rngs=rngs)
+        return out, rngs
+
+    def loss_fn(params, teacher_params, batch, rng, counts, step, cache=None):
+        out, rngs = forward(params, batch, rng)
         _, caption_aux = losses.caption_loss(
             out["caption_logits"], batch["caption_out"], batch["caption_mask"], label_smoothing
         )
+        if cache is None:
+            contrastive = _contrastive_loss(config, out, batch, mesh) / k
+        else:  # the whole batch's value; the gradient through this micro-batch's embeddings
+            value, d_video, d_text, d_temperature, d_bias = cache
+            surrogate = (
+                jnp.sum(d_video * out["video_emb"])
+                + jnp.sum(d_text * out["text_emb"])
+                + (d_temperature * out["log_temperature"] + d_bias * out["bias"]) / k
+            )
+            contrastive = jax.lax.stop_gradient(value / k - surrogate) + surrogate
         terms = {
-            "contrastive": _contrastive_loss(config, out, batch, mesh) / k,
+            "contrastive": contrastive,
             "caption": caption_aux["loss_sum"] / counts["caption"],
         }
         if with_mvm:
@@ -618,13 +647,44 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     term_names = loss_term_names(config)
 
+    def full_contrastive(video_emb, text_emb, log_temperature, bias, ids):
+        out = {"video_emb": video_emb, "text_emb": text_emb,
+               "log_temperature": log_temperature, "bias": bias}
+        return _contrastive_loss(config, out, {positives_key: ids}, mesh)
+
+    contrastive_grad = jax.value_and_grad(full_contrastive, argnums=(0, 1, 2, 3))
+
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
         counts = {"caption": jnp.maximum(jnp.sum(batch["caption_mask"]), 1).astype(jnp.float32)}
         if with_mvm:
             counts["mvm"] = masked_tubelet_count(model, batch)
 
-        def micro_grads(micro_batch, index):
+        def contrastive_cache(params, micro_batches, indices):
+            """Per micro-batch: the whole batch's contrastive loss and its gradients
+            with respect to the micro-batch's video and text embeddings, the
+            temperature and the bias, from a forward pass over every micro-batch with
+            the rngs its backward pass will use."""
+
+            def embed(inputs):
+                micro_batch, index = inputs
+                out, _ = forward(params, micro_batch, jax.random.fold_in(rng, index))
+                return out["video_emb"], out["text_emb"]
+
+            video_emb, text_emb = jax.lax.map(embed, (micro_batches, indices))  # [k, B/k, E]
+            ids = micro_batches[positives_key]  # [k, B/k]
+            value, (d_video, d_text, d_temperature, d_bias) = contrastive_grad(
+                video_emb.reshape(-1, video_emb.shape[-1]),
+                text_emb.reshape(-1, text_emb.shape[-1]),
+                params["log_temperature"],
+                params["bias"],
+                ids.reshape(-1, *ids.shape[2:]),
+            )
+            repeat = lambda x: jnp.broadcast_to(x, (k,))  # noqa: E731
+            return (repeat(value), d_video.reshape(video_emb.shape),
+                    d_text.reshape(text_emb.shape), repeat(d_temperature), repeat(d_bias))
+
+        def micro_grads(micro_batch, index, cache=None):
             (_, (terms, weighted)), grads = grad_fn(
                 state.params,
                 state.ema_params,
@@ -632,6 +692,7 @@ def make_train_step(
                 jax.random.fold_in(rng, index),
                 counts,
                 state.step,
+                cache,
             )
             return grads, terms, weighted
 
@@ -650,13 +711,19 @@ def make_train_step(
                 jax.tree.map(split, batch), micro_sharding
             )
 
+            indices = jnp.arange(k)
+            caches = None
+            if cached:
+                caches = contrastive_cache(state.params, micro_batches, indices)
+
             def accumulate(carry, inputs):
-                return jax.tree.map(jnp.add, carry, micro_grads(*inputs)), None
+                micro_batch, index, cache = inputs
+                return jax.tree.map(jnp.add, carry, micro_grads(micro_batch, index, cache)), None
 
             zero_terms = {n: jnp.zeros((), jnp.float32) for n in term_names}
             init = (jax.tree.map(jnp.zeros_like, state.params), zero_terms, dict(zero_terms))
             (grads, terms, weighted), _ = jax.lax.scan(
-                accumulate, init, (micro_batches, jnp.arange(k))
+                accumulate, init, (micro_batches, indices, caches)
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
