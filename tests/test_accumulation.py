@@ -101,19 +101,19 @@ def _one_step(config, batch, vocab_size: int, devices: int):
 
 
 # (grad_accum_steps, devices) of the steps compared with one step on the whole batch.
-ACCUMULATED = ((2, 1), (4, 4))
+ACCUMULATED = ((4, 1), (4, 4))
 
 
 @pytest.fixture(scope="module")
 def accumulation_results():
     """One train step on the same state and batch of 16 studies: k=1 on one device, and
-    k=2 (one device) and k=4 (four) micro-batches, the contrastive term cached."""
+    k=4 micro-batches on one device and on four, the contrastive term cached."""
     vocab_size = 40
     batch, expected_mvm = _study_batch(vocab_size, batch_size=16)
     results = {}
     for accum_steps, devices in ((1, 1), *ACCUMULATED):
         config = _accumulation_config(accum_steps)
-        results[accum_steps] = _one_step(config, batch, vocab_size, devices)
+        results[accum_steps, devices] = _one_step(config, batch, vocab_size, devices)
     return results, expected_mvm
 
 
@@ -123,7 +123,8 @@ def test_accumulation_equals_one_large_step(accumulation_results, accum_steps, d
     """Every loss term, SigLIP included (cached), the gradient norm and the updated
     parameters equal one step on the whole batch."""
     results, _ = accumulation_results
-    (params_1, metrics_1), (params_k, metrics_k) = results[1], results[accum_steps]
+    (params_1, metrics_1) = results[1, 1]
+    (params_k, metrics_k) = results[accum_steps, devices]
     for name in ("loss/contrastive", "loss/caption", "loss/mvm", "loss", "l2_grads"):
         np.testing.assert_allclose(metrics_k[name], metrics_1[name], rtol=1e-5, err_msg=name)
     jax.tree.map(
@@ -137,6 +138,6 @@ def test_accumulation_equals_one_large_step(accumulation_results, accum_steps, d
 @pytest.mark.slow
 def test_accumulated_mvm_is_normalised_by_the_whole_batch(accumulation_results):
     results, expected_mvm = accumulation_results
-    for accum_steps in (1, *(k for k, _ in ACCUMULATED)):
-        np.testing.assert_allclose(results[accum_steps][1]["loss/mvm"], expected_mvm, rtol=1e-6)
+    for key in ((1, 1), *ACCUMULATED):
+        np.testing.assert_allclose(results[key][1]["loss/mvm"], expected_mvm, rtol=1e-6)
 
