@@ -216,6 +216,38 @@ def test_learned_table_interpolation_equals_pytorch_interpolate():
     assert common.interpolate_posemb_grid(same, table.shape[:3]) is same
 
 
+def _numpy_resample(values: np.ndarray, size: int, cubic: bool) -> np.ndarray:
+    """Resamples axis 0 of `values` to `size` points, written out point by point: half-pixel
+    centres; linear (left of the first centre: the first value) or Keys cubic convolution
+    with a = -0.75 and the border sample repeated."""
+    old, a = values.shape[0], -0.75
+    out = np.zeros((size, *values.shape[1:]))
+    for i in range(size):
+        x = (i + 0.5) * old / size - 0.5
+        if not cubic:
+            x = max(x, 0.0)
+            left = min(int(np.floor(x)), old - 1)
+            frac = x - left
+            out[i] = (1 - frac) * values[left] + frac * values[min(left + 1, old - 1)]
+            continue
+        for tap in range(int(np.floor(x)) - 1, int(np.floor(x)) + 3):
+            d = abs(x - tap)
+            weight = ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else (
+                ((a * d - 5 * a) * d + 8 * a) * d - 4 * a if d < 2 else 0.0)
+            out[i] += weight * values[min(max(tap, 0), old - 1)]
+    return out
+
+
+def test_learned_table_interpolation_equals_a_numpy_reference():
+    table = np.random.default_rng(1).normal(size=(4, 3, 6, 5))  # T, H, W, D
+    new = (2, 5, 4)
+    expected = _numpy_resample(table, new[0], cubic=False)  # time
+    expected = np.swapaxes(_numpy_resample(np.swapaxes(expected, 0, 1), new[1], True), 0, 1)
+    expected = np.swapaxes(_numpy_resample(np.swapaxes(expected, 0, 2), new[2], True), 0, 2)
+    ours = common.interpolate_posemb_grid(jnp.asarray(table, jnp.float32), new)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
+
+
 def test_vivit_at_another_size_uses_the_interpolated_table(tmp_path):
     hf = _randomized(transformers.VivitModel(transformers.VivitConfig(**VIVIT)), seed=8)
     folder = _saved(hf, tmp_path)
