@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -129,15 +130,11 @@ def make_train_dataset(
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         ds = ds.enumerate().map(_with_seed(base_seed))
         ds = ds.map(_select_videos(study_videos), num_parallel_calls=num_parallel_calls)
-        ds = ds.unbatch()
-
-        def preprocess_video(example: dict) -> dict:
-            video_mask = example.pop(VIDEO_MASK_KEY)
-            # Each video holds only its own frames, not the study's padding.
-            example["frames"] = example["frames"][: example["num_frames"]]
-            return {**preprocess(example), VIDEO_MASK_KEY: video_mask}
-
-        ds = ds.map(preprocess_video, num_parallel_calls=num_parallel_calls, deterministic=True)
+        ds = ds.unbatch().map(
+            _study_slot_preprocess(preprocess),
+            num_parallel_calls=num_parallel_calls,
+            deterministic=True,
+        )
         ds = ds.batch(study_videos, drop_remainder=True)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
     return ds.with_options(_options())
@@ -235,6 +232,43 @@ def _group_studies(videos: tf.data.Dataset) -> tf.data.Dataset:
     return videos.scan(initial, add_video).filter(is_complete).map(drop_flag)
 
 
+def _gather_slots(study: dict, chosen: tf.Tensor, study_videos: int) -> dict:
+    """The `chosen` videos (indices into the study, at most `study_videos`) in
+    `study_videos` slots: the remaining slots repeat the first chosen video,
+    ``video_mask`` False. Frames are padded with '' to the longest video."""
+    real = tf.shape(chosen)[0]
+    slots = tf.concat([chosen, tf.fill([study_videos - real], chosen[0])], axis=0)
+    frames = tf.RaggedTensor.from_row_lengths(study.pop("frames"), study["num_frames"])
+    selected = tf.nest.map_structure(lambda x: tf.gather(x, slots), study)
+    selected["frames"] = tf.gather(frames, slots).to_tensor()  # [study_videos, T_max]
+    selected[VIDEO_MASK_KEY] = tf.range(study_videos) < real
+    return selected
+
+
+def _study_slot_preprocess(preprocess: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """The pp of one video slot of a study: its own frames only (not the study's
+    padding), its ``video_mask`` passed through."""
+
+    def preprocess_slot(example: dict) -> dict:
+        video_mask = example.pop(VIDEO_MASK_KEY)
+        example["frames"] = example["frames"][: example["num_frames"]]
+        return {**preprocess(example), VIDEO_MASK_KEY: video_mask}
+
+    return preprocess_slot
+
+
+def _pad_and_batch(
+    ds: tf.data.Dataset, num_real: int, num_batches: int, batch_size: int, prefetch: int
+) -> tf.data.Dataset:
+    """`ds` (`num_real` examples) padded with ``_mask`` False examples to `num_batches`
+    full batches of `batch_size`."""
+    num_padding = num_batches * batch_size - num_real
+    if num_padding:
+        padding = _padding_example(ds.element_spec)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
+    return ds.batch(batch_size, drop_remainder=True).prefetch(prefetch).with_options(_options())
+
+
 def _select_videos(study_videos: int):
     """[n, ...] study -> [study_videos, ...] with ``video_mask``, each slot its own ``_seed``."""
 
@@ -244,12 +278,7 @@ def _select_videos(study_videos: int):
         fold_in = tf.random.experimental.stateless_fold_in
         draw = tf.random.stateless_uniform([count], fold_in(seed, 0))
         chosen = tf.sort(tf.argsort(draw)[:study_videos])  # a random subset, in view order
-        real = tf.shape(chosen)[0]
-        slots = tf.concat([chosen, tf.fill([study_videos - real], chosen[0])], axis=0)
-        frames = tf.RaggedTensor.from_row_lengths(study.pop("frames"), study["num_frames"])
-        selected = tf.nest.map_structure(lambda x: tf.gather(x, slots), study)
-        selected["frames"] = tf.gather(frames, slots).to_tensor()  # [study_videos, T_max], '' pads
-        selected[VIDEO_MASK_KEY] = tf.range(study_videos) < real
+        selected = _gather_slots(study, chosen, study_videos)
         selected[ops.SEED_KEY] = tf.stack(
             [fold_in(seed, slot + 1) for slot in range(study_videos)]
         )  # [study_videos, 2]
@@ -291,12 +320,7 @@ def make_eval_dataset(
         num_parallel_calls=num_parallel_calls,
         deterministic=True,
     )
-    num_padding = num_batches * batch_size - sizes[process_index]
-    if num_padding:
-        padding = _padding_example(ds.element_spec)
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
-    return ds.with_options(_options())
+    return _pad_and_batch(ds, sizes[process_index], num_batches, batch_size, prefetch)
 
 
 def _studies_per_part(data_dir: str, split: str, process_count: int) -> list[int]:
@@ -328,7 +352,8 @@ def make_study_eval_dataset(
     `batch_size` studies.
 
     A study example holds its first `study_videos` videos in view order, each
-    through the pp (``train=False``) and stacked to [study_videos, ...], with
+    through the pp (``train=False``; it must keep 'video' and 'row') and stacked
+    to [study_videos, ...], with
     ``video_mask`` [study_videos] (a study with fewer videos repeats its first in
     the remaining slots, marked False), ``row`` the manifest row of its first
     video and ``_mask`` True. Every study of the split appears exactly once over all
@@ -346,17 +371,7 @@ def make_study_eval_dataset(
 
     def first_videos(study: dict) -> dict:
         count = tf.minimum(tf.shape(study["row"])[0], study_videos)
-        slots = tf.concat([tf.range(count), tf.zeros([study_videos - count], tf.int32)], 0)
-        frames = tf.RaggedTensor.from_row_lengths(study.pop("frames"), study["num_frames"])
-        selected = tf.nest.map_structure(lambda x: tf.gather(x, slots), study)
-        selected["frames"] = tf.gather(frames, slots).to_tensor()
-        selected[VIDEO_MASK_KEY] = tf.range(study_videos) < count
-        return selected
-
-    def preprocess_video(example: dict) -> dict:
-        video_mask = example.pop(VIDEO_MASK_KEY)
-        example["frames"] = example["frames"][: example["num_frames"]]
-        return {**preprocess(example), VIDEO_MASK_KEY: video_mask, ROW_KEY: example["row"]}
+        return _gather_slots(study, tf.range(count), study_videos)
 
     def study_example(videos: dict) -> dict:
         return {"video": videos["video"], VIDEO_MASK_KEY: videos[VIDEO_MASK_KEY],
@@ -364,15 +379,10 @@ def make_study_eval_dataset(
 
     ds = _read_studies(data_dir, split, process_index, process_count)
     ds = ds.map(first_videos, num_parallel_calls=num_parallel_calls, deterministic=True)
-    ds = ds.unbatch().map(preprocess_video, num_parallel_calls=num_parallel_calls,
-                          deterministic=True)
+    ds = ds.unbatch().map(_study_slot_preprocess(preprocess),
+                          num_parallel_calls=num_parallel_calls, deterministic=True)
     ds = ds.batch(study_videos, drop_remainder=True).map(study_example)
-    num_padding = num_batches * batch_size - counts[process_index]
-    if num_padding:
-        padding = _padding_example(ds.element_spec)
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
-    return ds.with_options(_options())
+    return _pad_and_batch(ds, counts[process_index], num_batches, batch_size, prefetch)
 
 
 def _padding_example(element_spec: dict) -> dict:

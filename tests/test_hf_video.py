@@ -16,7 +16,6 @@ import evaltools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import transformers
@@ -337,7 +336,6 @@ def test_layer_decay_scales_each_blocks_updates():
         lambda p, d, m: np.testing.assert_allclose(d, p * m, rtol=1e-6), plain, decayed,
         multipliers,
     )
-    assert isinstance(optax.tree_utils.tree_l2_norm(decayed), jax.Array)
     with pytest.raises(ValueError, match="layer_decay=0"):
         optim.layer_multipliers(params, 0.0)
 

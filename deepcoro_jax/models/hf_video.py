@@ -104,25 +104,16 @@ class Checkpoint:
         return int(self.get("num_channels", 3))
 
     @property
-    def patch_size(self) -> tuple[int, int, int]:
-        if self.family == "vivit":
-            return tuple(int(p) for p in self.get("tubelet_size", (2, 16, 16)))
-        p = int(self.get("patch_size", 16))
-        return (int(self.get("tubelet_size", 2)), p, p)
+    def num_frames(self) -> int:
+        return _num_frames(self.config)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.get("image_size", 224)
-        return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.get("num_frames", 16 if self.family == "videomae" else 32))
+        return _image_size(self.config)
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        pt, ph, pw = self.patch_size
-        return (self.num_frames // pt, self.image_size[0] // ph, self.image_size[1] // pw)
+        return _grid(self.config)
 
     @property
     def has_decoder(self) -> bool:
@@ -171,6 +162,29 @@ def read(path: str | Path) -> Checkpoint:
 # ------------------------------------------------------------------ shapes
 
 
+def _patch_size(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    if config.get("model_type") == "vivit":
+        return tuple(int(p) for p in config.get("tubelet_size", (2, 16, 16)))
+    p = int(config.get("patch_size", 16))
+    return (int(config.get("tubelet_size", 2)), p, p)
+
+
+def _num_frames(config: Mapping[str, Any]) -> int:
+    return int(config.get("num_frames", 16 if config.get("model_type") == "videomae" else 32))
+
+
+def _image_size(config: Mapping[str, Any]) -> tuple[int, int]:
+    size = config.get("image_size", 224)
+    return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+
+
+def _grid(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The (T', H', W') tubelet grid the checkpoint was made for."""
+    pt, ph, pw = _patch_size(config)
+    height, width = _image_size(config)
+    return (_num_frames(config) // pt, height // ph, width // pw)
+
+
 def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``ViViT`` attributes (``ARCHITECTURE_FIELDS``) that a VideoMAE or ViViT
     config.json describes."""
@@ -180,17 +194,12 @@ def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     act = config.get("hidden_act", "gelu" if family == "videomae" else "gelu_fast")
     if act not in _ACTIVATIONS:
         raise ValueError(f"config.json: hidden_act={act!r}; supported: {sorted(_ACTIVATIONS)}")
-    if family == "vivit":
-        patch = tuple(int(p) for p in config.get("tubelet_size", (2, 16, 16)))
-    else:
-        p = int(config.get("patch_size", 16))
-        patch = (int(config.get("tubelet_size", 2)), p, p)
     kwargs = dict(
         hidden_size=int(config.get("hidden_size", 768)),
         depth=int(config.get("num_hidden_layers", 12)),
         mlp_dim=int(config.get("intermediate_size", 3072)),
         num_heads=int(config.get("num_attention_heads", 12)),
-        patch_size=patch,
+        patch_size=_patch_size(config),
         attention_type="joint",
         stem="linear",
         approximate_gelu=_ACTIVATIONS[act],
@@ -238,13 +247,9 @@ def decoder_kwargs(config: Mapping[str, Any], channels: int) -> dict[str, Any]:
     """The ``MVMDecoder`` attributes of the pretraining decoder a VideoMAE
     config.json describes, for videos of `channels` channels."""
     arch = architecture(config)
-    pt, ph, pw = arch["patch_size"]
-    t = int(config.get("num_frames", 16)) // pt
-    size = config.get("image_size", 224)
-    h, w = (size, size) if isinstance(size, int) else size
     return dict(
-        patch_dim=pt * ph * pw * channels,
-        posemb_grid=(t, int(h) // ph, int(w) // pw),
+        patch_dim=math.prod(arch["patch_size"]) * channels,
+        posemb_grid=_grid(config),
         width=int(config.get("decoder_hidden_size", 384)),
         depth=int(config.get("decoder_num_hidden_layers", 4)),
         num_heads=int(config.get("decoder_num_attention_heads", 6)),
@@ -303,7 +308,7 @@ def encoder_names(family: str, depth: int, params: Params) -> dict[tuple[str, ..
     }
     for i in range(depth):
         names.update(_layer_names(family, f"encoder.layer.{i}", f"encoderblock_{i}"))
-    present = {path for path in _paths(params)}
+    present = set(_paths(params))
     return {path: name for path, name in names.items() if path in present}
 
 
@@ -319,7 +324,7 @@ def decoder_names(depth: int, params: Params) -> dict[tuple[str, ...], str]:
     }
     for i in range(depth):
         names.update(_layer_names("videomae", f"decoder.decoder_layers.{i}", f"block_{i}"))
-    present = {path for path in _paths(params)}
+    present = set(_paths(params))
     return {path: name for path, name in names.items() if path in present}
 
 
@@ -374,8 +379,7 @@ def _load(
         path = tuple(k.key for k in key_path)
         name = names.get(path)
         if name is None or name not in ckpt.weights:
-            optional_bias = path[-1] == "bias" and path[-2] in ("query", "value")
-            if name is not None and optional_bias:  # qv_bias / qkv_bias False: zero biases
+            if name is not None and _is_qv_bias(path):  # qv_bias / qkv_bias False: zeros
                 leaves.append(np.zeros(leaf.shape, np.float32))
                 continue
             missing.append(name or "/".join(path))
@@ -470,22 +474,31 @@ def encoder_shapes(encoder, channels: int) -> Params:
     return jax.eval_shape(encoder.init, jax.random.key(0), video)["params"]
 
 
-def _check_architecture(ckpt: Checkpoint, encoder) -> None:
-    expected = architecture(ckpt.config)
-    wrong = [
-        f"{field}={getattr(encoder, field)!r} (the checkpoint: {expected[field]!r})"
+def architecture_differences(encoder, config: Mapping[str, Any]) -> dict[str, tuple]:
+    """{field: (the encoder's value, the checkpoint's)} for each of
+    ``ARCHITECTURE_FIELDS`` where ``encoder`` differs from what config.json describes."""
+
+    def plain(value: Any) -> Any:
+        return tuple(value) if isinstance(value, list | tuple) else value
+
+    expected = architecture(config)
+    return {
+        field: (getattr(encoder, field), expected[field])
         for field in ARCHITECTURE_FIELDS
-        if _normal(getattr(encoder, field)) != _normal(expected[field])
+        if plain(getattr(encoder, field)) != plain(expected[field])
+    }
+
+
+def _check_architecture(ckpt: Checkpoint, encoder) -> None:
+    wrong = [
+        f"{field}={ours!r} (the checkpoint: {theirs!r})"
+        for field, (ours, theirs) in architecture_differences(encoder, ckpt.config).items()
     ]
     if wrong:
         raise ValueError(
             f"{ckpt.path}: the encoder does not have the {ckpt.family} checkpoint's "
             f"architecture: {', '.join(wrong)}"
         )
-
-
-def _normal(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 # ------------------------------------------------------------------ export

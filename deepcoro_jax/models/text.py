@@ -405,10 +405,13 @@ def _to_flax(path: tuple[str, ...], weight: np.ndarray, shape: tuple[int, ...]) 
     return jnp.asarray(weight.reshape(shape))
 
 
+# The weight files of a local Hugging Face folder that `read_checkpoint` reads, in order.
+CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], Path]:
     """Reads every tensor of a local HF checkpoint as NumPy (torch only for .bin files)."""
-    safetensors_path = directory / "model.safetensors"
-    bin_path = directory / "pytorch_model.bin"
+    safetensors_path, bin_path = (directory / name for name in CHECKPOINT_FILES)
     if safetensors_path.is_file():
         from safetensors.numpy import load_file
 

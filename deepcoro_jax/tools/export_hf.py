@@ -45,37 +45,34 @@ def value_range(pp: str) -> tuple[float, float]:
     return float(match[1]), float(match[2])
 
 
-def preprocessing(family: str, frames: int, size: int, low: float, high: float) -> dict:
+def preprocessing(family: str, size: int, low: float, high: float) -> dict:
     """The Hugging Face image processor config that turns uint8 frames into the values
     the encoder was trained on: x * (high - low) / 255 + low."""
-    if family == "videomae":  # rescale by 1/255, then (x - mean) / std
-        std = 1.0 / (high - low)
-        return {
-            "image_processor_type": "VideoMAEImageProcessor",
-            "do_resize": True,
-            "size": {"shortest_edge": size},
-            "do_center_crop": True,
-            "crop_size": {"height": size, "width": size},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": [-low * std] * CHANNELS,
-            "image_std": [std] * CHANNELS,
-            "resample": 2,
-        }
-    return {  # ViViT: x * rescale_factor (- 1 with offset), then optional normalisation
-        "image_processor_type": "VivitImageProcessor",
+    resize_and_crop = {
         "do_resize": True,
         "size": {"shortest_edge": size},
         "do_center_crop": True,
         "crop_size": {"height": size, "width": size},
+        "resample": 2,
         "do_rescale": True,
+        "do_normalize": True,
+    }
+    if family == "videomae":  # x / 255, then (x - mean) / std
+        std = 1.0 / (high - low)
+        return {
+            "image_processor_type": "VideoMAEImageProcessor",
+            **resize_and_crop,
+            "rescale_factor": 1 / 255,
+            "image_mean": [-low * std] * CHANNELS,
+            "image_std": [std] * CHANNELS,
+        }
+    return {  # ViViT: x * rescale_factor (no offset), then (x - mean) / std
+        "image_processor_type": "VivitImageProcessor",
+        **resize_and_crop,
         "rescale_factor": (high - low) / 255,
         "offset": False,
-        "do_normalize": True,
         "image_mean": [-low] * CHANNELS,
         "image_std": [1.0] * CHANNELS,
-        "resample": 2,
     }
 
 
@@ -130,7 +127,7 @@ def export(run: inference.Run, out: str) -> dict[str, Path]:
         run.params["encoder"],
         video_folder,
         channels=CHANNELS,
-        preprocessing=preprocessing(family, encoder.num_frames, size, low, high),
+        preprocessing=preprocessing(family, size, low, high),
         readme=readme,
     )
     text_folder = Path(out) / "text_encoder"

@@ -195,13 +195,31 @@ def _attention_files(
     return {"attention_png": png, "attention_gif": gif}
 
 
+def _try_load(load_clip: Callable[[str], np.ndarray], path: str):
+    """(the clip of `path`, None), or (None, why it cannot be used): a bad file must not
+    stop the others."""
+    from input_pipeline import video_io
+
+    try:
+        return load_clip(path), None
+    except video_io.VideoError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _similarities(video_emb: np.ndarray, bank_emb: np.ndarray | None) -> np.ndarray:
+    """[n, R] cosine similarities of the embeddings to the bank's ([n, 0] without one)."""
+    if bank_emb is None:
+        return np.zeros((len(video_emb), 0), np.float32)
+    return video_emb @ bank_emb.T
+
+
 def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace) -> int:
     """Processes `files` with the flags of `args`, printing each chunk's results in file order.
 
     Returns how many files were processed.
     """
-    from input_pipeline import video_io
-
     bank = load_bank(run, args.bank) or []
     bank_emb = inference.embed_texts(run, bank) if bank else None  # [R, E]
     top_k = min(args.top_k, len(bank))
@@ -212,19 +230,16 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
         outcomes: list[dict] = []  # per file of the chunk: a result or an error record
         clips = []
         for path in chunk:
-            try:
-                clips.append(load_clip(path))
+            clip, error = _try_load(load_clip, path)
+            if error is None:
+                clips.append(clip)
                 outcomes.append({"file": path})
-            except video_io.VideoError as e:
-                outcomes.append({"file": path, "error": str(e)})
-            except Exception as e:  # a bad file must not stop the others
-                outcomes.append({"file": path, "error": f"{type(e).__name__}: {e}"})
+            else:
+                outcomes.append({"file": path, "error": error})
         if clips:
             batch = np.stack(clips)  # [n, T, H, W, 1]
             video_emb = inference.embed_videos(run, batch, FILES_PER_CHUNK)  # [n, E]
-            similarities = (  # [n, R]
-                video_emb @ bank_emb.T if bank else np.zeros((len(video_emb), 0), np.float32)
-            )
+            similarities = _similarities(video_emb, bank_emb)  # [n, R]
             generated = inference.generate_reports(
                 run, batch, beam_size=args.beam, batch_size=FILES_PER_CHUNK
             )
@@ -253,28 +268,22 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
 def run_study(run: inference.Run, files: Sequence[str], args: argparse.Namespace) -> int:
     """The files as one study: one result (``file``: the files joined by ', ', ``files``:
     the ones used). Returns 1 when any file was used, else 0."""
-    from input_pipeline import video_io
-
     bank = load_bank(run, args.bank) or []
     load_clip = make_clip_loader(run)
     clips, used = [], []
     for path in files:
-        try:
-            clips.append(load_clip(path))
+        clip, error = _try_load(load_clip, path)
+        if error is None:
+            clips.append(clip)
             used.append(path)
-        except video_io.VideoError as e:
-            _print_error(path, str(e), args.json)
-        except Exception as e:  # a bad file must not stop the others
-            _print_error(path, f"{type(e).__name__}: {e}", args.json)
+        else:
+            _print_error(path, error, args.json)
     if not clips:
         return 0
     study = np.stack(clips)[None]  # [1, V, T, H, W, 1]
     mask = np.ones(study.shape[:2], bool)
     video_emb = inference.embed_videos(run, study, 1, video_mask=mask)  # [1, E]
-    if bank:
-        similarities = video_emb @ inference.embed_texts(run, bank).T
-    else:
-        similarities = np.zeros((1, 0), np.float32)
+    similarities = _similarities(video_emb, inference.embed_texts(run, bank) if bank else None)
     generated = inference.generate_reports(run, study, beam_size=args.beam, batch_size=1,
                                            video_mask=mask)
     record = _result_record(", ".join(used), generated.texts[0], similarities[0], bank,

@@ -48,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 from deepcoro_jax import losses
 from deepcoro_jax.models import multitask
 from deepcoro_jax.models import mvm as mvm_lib
+from deepcoro_jax.models import text as text_lib
 from deepcoro_jax.models import vivit as vivit_lib
 from deepcoro_jax.training import checkpoint, optim, sharding
 from evaluators import common as eval_common
@@ -247,9 +248,10 @@ VIDEO_INIT_DIR = "video_init"
 def _hf_video_config(config: ml_collections.ConfigDict, workdir: str | None) -> dict:
     """The config.json of config.video_init: the run's copy (assets/video_init) when it
     has one, else the folder's."""
-    kept = epath.Path(workdir or "") / ASSETS_DIR / VIDEO_INIT_DIR / "config.json"
-    if workdir and kept.exists():
-        return json.loads(kept.read_text())
+    if workdir:
+        kept = epath.Path(workdir) / ASSETS_DIR / VIDEO_INIT_DIR / "config.json"
+        if kept.exists():
+            return json.loads(kept.read_text())
     source = epath.Path(config.video_init) / "config.json"
     if not source.exists():
         raise FileNotFoundError(
@@ -283,18 +285,14 @@ def resolve_video_init(
             f"{hf.get('model_type')} checkpoint; only VideoMAE has a pretraining decoder"
         )
     encoder = vivit_lib.ViViT(**vivit_kwargs_of(config))
-    changes = []
-    patch = tuple(arch.pop("patch_size"))
-    if tuple(config.model.patch_size) != patch:
-        changes.append(f"model.patch_size: {tuple(config.model.patch_size)} -> {patch}")
-        config.model.patch_size = patch
-    overrides = dict(config.model.encoder_overrides)
-    for field, value in arch.items():
-        if _plain(getattr(encoder, field)) != _plain(value):
-            changes.append(f"model.encoder_overrides.{field}: {getattr(encoder, field)!r} -> "
-                           f"{value!r}")
-        overrides[field] = value
-    config.model.encoder_overrides = overrides
+    differences = hf_video.architecture_differences(encoder, hf)
+    changes = [
+        f"model.{'' if field == 'patch_size' else 'encoder_overrides.'}{field}: {ours!r} -> "
+        f"{theirs!r}"
+        for field, (ours, theirs) in differences.items()
+    ]
+    config.model.patch_size = tuple(arch.pop("patch_size"))
+    config.model.encoder_overrides = {**config.model.encoder_overrides, **arch}
     if with_decoder:
         decoder = {
             k: v
@@ -306,10 +304,6 @@ def resolve_video_init(
             changes.append(f"model.mvm_decoder_overrides: {before} -> {decoder}")
         config.model.mvm_decoder_overrides = {**before, **decoder}
     return changes
-
-
-def _plain(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def vivit_kwargs_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -335,7 +329,7 @@ def initial_weights_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
         hf_config = epath.Path(folder) / "config.json"
         if hf_config.exists():
             entry["model_type"] = json.loads(hf_config.read_text()).get("model_type")
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        for name in text_lib.CHECKPOINT_FILES:
             weights = epath.Path(folder) / name
             if weights.exists():
                 entry["weights_file"] = name
@@ -462,11 +456,9 @@ def initial_weights(state: TrainState, config, shardings, model) -> TrainState:
     params = state.params
     if config.get("video_init"):
         params = dict(params)
-        params.update(_video_init_params(config, model, params))
-        params = {k: jax.device_put(v, shardings.params[k]) for k, v in params.items()}
+        for name, value in _video_init_params(config, model, params).items():
+            params[name] = jax.device_put(value, shardings.params[name])
     if config.text_init:
-        from deepcoro_jax.models import text as text_lib
-
         _, hf_params = text_lib.from_pretrained(config.text_init)
         params = dict(params)
         params["text"] = jax.device_put(hf_params, shardings.params["text"])
@@ -615,7 +607,7 @@ def make_train_step(
         if cache is None:
             contrastive = _contrastive_loss(config, out, batch, mesh) / k
         else:  # the whole batch's value; the gradient through this micro-batch's embeddings
-            value, d_video, d_text, d_temperature, d_bias = cache
+            (value, d_temperature, d_bias), d_video, d_text = cache
             surrogate = (
                 jnp.sum(d_video * out["video_emb"])
                 + jnp.sum(d_text * out["text_emb"])
@@ -661,10 +653,10 @@ def make_train_step(
             counts["mvm"] = masked_tubelet_count(model, batch)
 
         def contrastive_cache(params, micro_batches, indices):
-            """Per micro-batch: the whole batch's contrastive loss and its gradients
-            with respect to the micro-batch's video and text embeddings, the
-            temperature and the bias, from a forward pass over every micro-batch with
-            the rngs its backward pass will use."""
+            """The whole batch's contrastive loss with its gradients with respect to the
+            temperature and the bias, and per micro-batch those with respect to its
+            video and text embeddings ([k, B/k, E] each), from a forward pass over every
+            micro-batch with the rngs its backward pass will use."""
 
             def embed(inputs):
                 micro_batch, index = inputs
@@ -680,9 +672,8 @@ def make_train_step(
                 params["bias"],
                 ids.reshape(-1, *ids.shape[2:]),
             )
-            repeat = lambda x: jnp.broadcast_to(x, (k,))  # noqa: E731
-            return (repeat(value), d_video.reshape(video_emb.shape),
-                    d_text.reshape(text_emb.shape), repeat(d_temperature), repeat(d_bias))
+            per_micro = (d_video.reshape(video_emb.shape), d_text.reshape(text_emb.shape))
+            return (value, d_temperature, d_bias), per_micro
 
         def micro_grads(micro_batch, index, cache=None):
             (_, (terms, weighted)), grads = grad_fn(
@@ -712,18 +703,21 @@ def make_train_step(
             )
 
             indices = jnp.arange(k)
-            caches = None
+            whole_batch, embedding_grads = None, None
             if cached:
-                caches = contrastive_cache(state.params, micro_batches, indices)
+                whole_batch, embedding_grads = contrastive_cache(
+                    state.params, micro_batches, indices
+                )
 
             def accumulate(carry, inputs):
-                micro_batch, index, cache = inputs
+                micro_batch, index, grads_i = inputs
+                cache = None if grads_i is None else (whole_batch, *grads_i)
                 return jax.tree.map(jnp.add, carry, micro_grads(micro_batch, index, cache)), None
 
             zero_terms = {n: jnp.zeros((), jnp.float32) for n in term_names}
             init = (jax.tree.map(jnp.zeros_like, state.params), zero_terms, dict(zero_terms))
             (grads, terms, weighted), _ = jax.lax.scan(
-                accumulate, init, (micro_batches, indices, caches)
+                accumulate, init, (micro_batches, indices, embedding_grads)
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
