@@ -358,6 +358,12 @@ def render(findings: Findings, rng: np.random.Generator | None = None,
     return " ".join(sentences)
 
 
+def lesion_sentence(segment: str, lesion: Lesion, rng: np.random.Generator | None = None) -> str:
+    """The sentence(s) `render` writes for one segment's finding (rng None: canonical)."""
+    _check_segment(segment, "segment")
+    return " ".join(_lesion_sentences(segment, lesion, rng))
+
+
 def _pick(rng: np.random.Generator | None, options: Sequence[str]) -> str:
     return options[0] if rng is None else options[int(rng.integers(len(options)))]
 
