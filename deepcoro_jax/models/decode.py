@@ -426,3 +426,85 @@ def _beam_search_loop(
         log_probs=jnp.take_along_axis(log_probs, best, axis=1)[:, 0],
         scores=jnp.take_along_axis(scores, best, axis=1)[:, 0],
     )
+
+
+@functools.partial(jax.jit, static_argnames=("decoder",))
+def prefixed_greedy(
+    decoder: CachedDecoder,
+    params: Params,
+    memory: jax.Array,
+    memory_mask: jax.Array | None,
+    prefix: jax.Array,
+    prefix_len: jax.Array,
+    step_masks: jax.Array,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+) -> DecodeOutput:
+    """Greedy decoding after a forced prefix, each generated token restricted to allowed ids.
+
+    The LocCa location tasks' decoding (``deepcoro_jax.domain.locations``): the decoder
+    is fed BOS, then ``prefix[b, :prefix_len[b]]`` (teacher-forced, not returned), then
+    its own argmax tokens; generated token ``g`` may only take the ids where
+    ``step_masks[g]`` is True (e.g. a frame-time token, then four coordinate tokens).
+    Rows with prefixes of different lengths decode together: each starts generating
+    right after its own prefix. After a row emits ``eos_id`` it emits ``pad_id``.
+
+    Args:
+        decoder, params, memory, memory_mask: as in :func:`greedy`.
+        prefix: int [B, P] prefix ids (anything after ``prefix_len``); P may be 0.
+        prefix_len: int [B] in [0, P].
+        step_masks: bool [G, vocab]: what generated token g may be; G steps in all.
+        bos_id, eos_id, pad_id: special ids.
+
+    Returns:
+        tokens int32 [B, G] and the model's log-probabilities of them (temperature 1,
+        unrestricted), summed over the tokens before padding.
+    """
+    batch, prefix_width = prefix.shape
+    num_generated, vocab = step_masks.shape
+    total = prefix_width + num_generated
+    if total > decoder.max_len:
+        raise ValueError(
+            f"prefixed_greedy: prefix width {prefix_width} + {num_generated} generated tokens "
+            f"exceed the decoder's max_len {decoder.max_len}"
+        )
+    prefix = prefix.astype(jnp.int32)
+    prefix_len = prefix_len.astype(jnp.int32)
+    padded_prefix = jnp.concatenate(
+        [prefix, jnp.full((batch, num_generated), pad_id, jnp.int32)], axis=1
+    )  # [B, total]: indexable at any step
+
+    def one_step(step: jax.Array, state: tuple) -> tuple:
+        cache, last_tokens, tokens, finished, log_probs = state
+        logits, cache = decoder.decode_step(params, cache, last_tokens)
+        logits = logits.astype(jnp.float32)  # [B, V]
+        generated = step - prefix_len  # [B]: which generated token this step gives
+        generating = (generated >= 0) & (generated < num_generated)
+        index = jnp.clip(generated, 0, num_generated - 1)
+        allowed = step_masks[index]  # [B, V]
+        choice = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
+        choice_log_prob = jnp.take_along_axis(
+            jax.nn.log_softmax(logits), choice[:, None], axis=1
+        )[:, 0]
+        emitted = generating & ~finished
+        choice = jnp.where(emitted, choice, pad_id)
+        log_probs = log_probs + jnp.where(emitted, choice_log_prob, 0.0)
+        rows = jnp.arange(batch)
+        tokens = tokens.at[rows, index].set(jnp.where(generating, choice, tokens[rows, index]))
+        finished = finished | (emitted & (choice == eos_id))
+        # The next input: the prefix while it lasts, then the token just chosen.
+        next_tokens = jnp.where(step < prefix_len, padded_prefix[:, step], choice)
+        return cache, next_tokens, tokens, finished, log_probs
+
+    init = (
+        decoder.init_cache(params, memory, memory_mask),
+        jnp.full((batch,), bos_id, jnp.int32),
+        jnp.full((batch, num_generated), pad_id, jnp.int32),
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch,), jnp.float32),
+    )
+    steps = prefix_width + num_generated
+    _, _, tokens, _, log_probs = jax.lax.fori_loop(0, steps, one_step, init)
+    return DecodeOutput(tokens, log_probs)
