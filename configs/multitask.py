@@ -164,6 +164,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             pool_type="max", stem="conv", stem_features=(8, 16, 32, 32))
     config.model.caption_decoder_overrides = dict(parallel_fraction=0.0)
     config.model.mvm_decoder_overrides = dict()  # MVMDecoder attributes (set by video_init)
+    # LocCa's location vocabulary (deepcoro_jax/domain/locations.py): coordinate bins per
+    # axis appended to the caption tokenizer with the clip's frame-time tokens; 0: none.
+    config.model.location_bins = 0
     # Report embedding: the mean of the text tower's token states. A from-scratch
     # tower's [CLS] state is nearly the same for every report at init (cosine
     # ~0.99999), which stalls the contrastive loss for its first hundreds of steps.
@@ -187,6 +190,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # forward pass.
     config.loss.contrastive_accumulation = "micro"
     config.loss.label_smoothing = 0.1
+    # LocCa's tasks for the caption decoder, drawn per example with these weights: 'cap'
+    # writes the report; 'aref' a lesion's box from its phrase; 'gcap' a box, then its
+    # phrase (docs/training.md, "Location tasks"). 'aref' and 'gcap' need
+    # model.location_bins and prepared data with lesion boxes (prepare --boxes).
+    config.loss.locca_tasks = ml_collections.ConfigDict(dict(cap=1.0, aref=0.0, gcap=0.0))
     config.loss.weights = ml_collections.ConfigDict(
         dict(contrastive=1.0, caption=1.0, mvm=1.0, distill=0.0)
     )

@@ -62,7 +62,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import evaluators
-from deepcoro_jax.domain import tokenizers
+from deepcoro_jax.domain import locations, tokenizers
 
 ROW_KEY = "row"  # the manifest row: unique per video within a prepared dataset
 # Label columns that say what anatomy a view shows, where prepare carried them: the
@@ -90,6 +90,7 @@ class EvalSpec:
     max_decode_len: int  # the caption decoder's position table: its longest report
     patch_size: tuple[int, int, int]  # the encoder's tubelet (pt, ph, pw)
     normalize_mvm_target: bool  # MVM targets are normalised per tubelet
+    location_bins: int = 0  # config.model.location_bins: LocCa's location ids, 0 = none
 
     @property
     def text_tokenizer(self) -> tokenizers.Tokenizer:
@@ -97,7 +98,11 @@ class EvalSpec:
 
     @property
     def caption_tokenizer(self) -> tokenizers.Tokenizer:
-        return tokenizers.get_tokenizer(self.caption_tokenizer_spec)
+        """The caption decoder's: with the location ids when the model has them."""
+        tok = tokenizers.get_tokenizer(self.caption_tokenizer_spec)
+        if not self.location_bins:
+            return tok
+        return locations.LocationTokenizer(tok, self.location_bins, self.clip_shape[0])
 
     @property
     def is_main_process(self) -> bool:
@@ -348,7 +353,7 @@ def split_table(data_dir: str, split: str) -> dict[str, np.ndarray]:
     dataset = dataset_format.read_split(data_dir, split)
     columns: dict[str, list] = {}
     for example in dataset.as_numpy_iterator():
-        flat = {k: v for k, v in example.items() if k not in ("frames", "labels")}
+        flat = {k: v for k, v in example.items() if k not in ("frames", "labels", "lesions")}
         flat.update({f"label/{k}": v for k, v in example.get("labels", {}).items()})
         for key, value in flat.items():
             if isinstance(value, bytes):

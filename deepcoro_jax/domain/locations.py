@@ -331,3 +331,11 @@ def teacher_forcing(
     mask = np.zeros([max_len], bool)
     mask[len(prefix) : len(full)] = True
     return inp, out, mask
+
+
+def longest_phrase(tokenizer) -> int:
+    """The most ids `tokenizer` takes for a lesion phrase: over every segment and every
+    percent in 1..100 in steps of 0.5 (what the room for a phrase must hold)."""
+    percents = np.arange(1.0, 100.5, 0.5)
+    return max(len(tokenizer.encode(lesion_phrase(s, float(p))))
+               for s in reports.SEGMENTS for p in percents)

@@ -46,7 +46,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepcoro_jax import losses
-from deepcoro_jax.models import multitask
+from deepcoro_jax.domain import locations, tokenizers
+from deepcoro_jax.models import decode, multitask
 from deepcoro_jax.models import mvm as mvm_lib
 from deepcoro_jax.models import text as text_lib
 from deepcoro_jax.models import vivit as vivit_lib
@@ -345,6 +346,38 @@ def initial_weights_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "include": config.init.include,
         }
     return record
+
+
+def location_tasks(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """``config.loss.locca_tasks`` checked: {task: weight} for the tasks with a weight > 0."""
+    tasks = dict(config.loss.locca_tasks)
+    unknown = sorted(set(tasks) - set(locations.TASKS))
+    if unknown:
+        raise ValueError(f"config.loss.locca_tasks: unknown tasks {unknown}; known: "
+                         f"{locations.TASKS}")
+    for task, weight in tasks.items():
+        if not (isinstance(weight, int | float) and weight >= 0):
+            raise ValueError(f"config.loss.locca_tasks.{task}={weight!r}: need a number >= 0")
+    used = {t: float(w) for t, w in tasks.items() if w > 0}
+    if not used:
+        raise ValueError("config.loss.locca_tasks: give at least one task a weight > 0")
+    if set(used) - {"cap"} and not config.model.location_bins:
+        raise ValueError(
+            f"config.loss.locca_tasks uses {sorted(set(used) - {'cap'})}, which need "
+            "location tokens: set config.model.location_bins (e.g. 64)")
+    return used
+
+
+def caption_tokenizer(config: ml_collections.ConfigDict, spec: str) -> tokenizers.Tokenizer:
+    """The caption decoder's tokenizer: `spec`'s, with LocCa's location ids appended when
+    ``config.model.location_bins`` is set (``locations.LocationTokenizer``)."""
+    tok = tokenizers.get_tokenizer(spec)
+    bins = config.model.location_bins
+    if not bins:
+        return tok
+    if not (isinstance(bins, int) and bins >= 2):
+        raise ValueError(f"config.model.location_bins={bins!r}: need 0 (none) or an int >= 2")
+    return locations.LocationTokenizer(tok, bins, config.model.num_frames)
 
 
 def build_model(
@@ -795,6 +828,11 @@ def predict_fns(model: multitask.MultitaskModel, mesh: Mesh) -> dict[str, Callab
     - ``generate``: the memory -> 'tokens' [B, max_len] (EOS, then pad_id), decoded
       on the KV cache (``decode.py``); options (static): bos_id, eos_id, pad_id,
       max_len, strategy ('greedy' or 'beam'), beam_size, length_penalty;
+    - ``ground``: the memory and 'ground_prefix' [B, M, P] with 'ground_prefix_len'
+      [B, M] (M prompts per video, e.g. a referring expression each) -> 'ground_tokens'
+      [B, M, G]: greedy decoding after each prompt, generated token g restricted to
+      the ids where ``step_masks`` [G, vocab] is True (``decode.prefixed_greedy``;
+      LocCa's location tasks); options (static): bos_id, eos_id, pad_id;
     - ``reconstruct``: 'video' [B, T, H, W, C] and 'mask_rng' [B] (a key per
       video, its MVM mask) -> 'mvm_pred', 'mvm_target' [B, M, P] and
       'mvm_masked_indices' [B, M], as in training, without dropout.
@@ -853,6 +891,27 @@ def predict_fns(model: multitask.MultitaskModel, mesh: Mesh) -> dict[str, Callab
         )
         return {"tokens": out.tokens}
 
+    def ground(params, batch, step_masks, *, bos_id: int, eos_id: int, pad_id: int):
+        prefix = batch["ground_prefix"]  # [B, M, P]
+        batch_size, prompts, width = prefix.shape
+
+        def per_prompt(x):  # [B, ...] -> [B * M, ...]: each video once per prompt
+            return jnp.repeat(x, prompts, axis=0)
+
+        out = decode.prefixed_greedy(
+            model.caption_decoder,
+            params["caption_decoder"],
+            per_prompt(batch["video_tokens"]),
+            per_prompt(batch["video_token_mask"]),
+            prefix.reshape(batch_size * prompts, width),
+            batch["ground_prefix_len"].reshape(batch_size * prompts),
+            step_masks,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+        return {"ground_tokens": out.tokens.reshape(batch_size, prompts, -1)}
+
     def reconstruct(params, batch):
         def one(video, mask_rng):  # [T, H, W, C], its own mask
             out, aux = model.apply(
@@ -872,6 +931,9 @@ def predict_fns(model: multitask.MultitaskModel, mesh: Mesh) -> dict[str, Callab
         "encode_text": jax.jit(encode_text, out_shardings=split),
         "caption_logits": jax.jit(caption_logits, out_shardings=split),
         "generate": jax.jit(generate, out_shardings=split, static_argnames=decode_options),
+        "ground": jax.jit(
+            ground, out_shardings=split, static_argnames=("bos_id", "eos_id", "pad_id")
+        ),
         "reconstruct": jax.jit(reconstruct, out_shardings=split),
     }
 
@@ -904,4 +966,5 @@ def eval_spec(
         max_decode_len=model.caption_decoder.max_len,
         patch_size=tuple(model.encoder.patch_size),
         normalize_mvm_target=model.normalize_mvm_target,
+        location_bins=config.model.location_bins,
     )

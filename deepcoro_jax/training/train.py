@@ -287,9 +287,17 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
     global_batch = config.input.batch_size
     keys = ["video", "text_ids", "text_mask", "caption_in", "caption_out", "caption_mask"]
     findings = run.positive_ids_key(config) == "findings_id"  # contrastive positives by findings
+    tasks = run.location_tasks(config)
+    if set(tasks) == {"cap"}:
+        caption_pp = f"tokenize_caption({config.input.caption_max_len}, tokenizer='{caption_spec}')"
+    else:  # LocCa's tasks, one drawn per example
+        caption_pp = (
+            f"locca_task({config.input.caption_max_len}, tasks={tasks!r}, "
+            f"num_bins={config.model.location_bins}, tokenizer='{caption_spec}')"
+        )
     pp = (
         f"{config.input.video_pp}|tokenize({config.input.text_max_len}, tokenizer='{text_spec}')"
-        f"|tokenize_caption({config.input.caption_max_len}, tokenizer='{caption_spec}')"
+        f"|{caption_pp}"
         + ("|findings_id()" if findings else "")
         + f"|keep({', '.join(repr(k) for k in keys + ['findings_id'] * findings)})"
     )
@@ -357,9 +365,7 @@ class Parts:
 
 
 def build_parts(config: ml_collections.ConfigDict, inputs: Input, mesh: Mesh) -> Parts:
-    from deepcoro_jax.domain import tokenizers
-
-    caption_tok = tokenizers.get_tokenizer(inputs.caption_spec)
+    caption_tok = run.caption_tokenizer(config, inputs.caption_spec)
     model = run.build_model(config, caption_tok.vocab_size, caption_tok.pad_id)
     params_shape = jax.eval_shape(
         lambda r: model.init(
