@@ -217,6 +217,28 @@ def overlay(frames: np.ndarray, heat: np.ndarray, max_alpha: float = MAX_ALPHA) 
     return np.rint(blended).astype(np.uint8)
 
 
+BOX_COLOR = (0, 255, 255)  # cyan: apart from the heat map's black-red-yellow
+
+
+def draw_box(image: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+    """A copy of RGB uint8 [H, W, 3] with the outline of `box` (y0, x0, y1, x1), normalised
+    to [0, 1], drawn one pixel wide on the pixels it covers; unchanged for None."""
+    image = np.array(image, copy=True)
+    if box is None:
+        return image
+    height, width = image.shape[:2]
+    y0, x0, y1, x1 = np.asarray(box, np.float64)
+    top, left = int(np.clip(np.floor(y0 * height), 0, height - 1)), int(
+        np.clip(np.floor(x0 * width), 0, width - 1))
+    bottom = int(np.clip(np.ceil(y1 * height) - 1, top, height - 1))
+    right = int(np.clip(np.ceil(x1 * width) - 1, left, width - 1))
+    image[top, left : right + 1] = BOX_COLOR
+    image[bottom, left : right + 1] = BOX_COLOR
+    image[top : bottom + 1, left] = BOX_COLOR
+    image[top : bottom + 1, right] = BOX_COLOR
+    return image
+
+
 def _enlarge(image: np.ndarray) -> np.ndarray:
     """[H, W, 3] enlarged by an integer factor to at least MIN_PANEL_SIZE (nearest)."""
     factor = max(1, math.ceil(MIN_PANEL_SIZE / min(image.shape[:2])))
@@ -266,13 +288,24 @@ def save_attention_maps(
     sentences: Sequence[SentenceAttention],
     out_prefix: str,
     num_columns: int = 4,
+    boxes: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[str, str]:
     """Writes ``<out_prefix>.png`` (one row per sentence, `num_columns` frames) and
-    ``<out_prefix>.gif`` (every frame, numbered; one panel per sentence). Returns both paths."""
+    ``<out_prefix>.gif`` (every frame, numbered; one panel per sentence). Returns both paths.
+
+    `boxes`: per sentence, a box (y0, x0, y1, x1) in [0, 1] to outline on its frames
+    (where the model locates the sentence's lesion: ``inference.ground_lesions``), or None.
+    """
     if not sentences:
         raise ValueError("save_attention_maps: no sentences to draw")
+    boxes = [None] * len(sentences) if boxes is None else list(boxes)
+    if len(boxes) != len(sentences):
+        raise ValueError(f"save_attention_maps: {len(boxes)} boxes for {len(sentences)} sentences")
     frames = display_frames(clip)  # [T, H, W]
-    overlays = [overlay(frames, s.heat) for s in sentences]  # each [T, H, W, 3]
+    overlays = [
+        np.stack([draw_box(frame, box) for frame in overlay(frames, s.heat)])
+        for s, box in zip(sentences, boxes, strict=True)
+    ]  # each [T, H, W, 3]
     labels = [f"{i + 1}. {s.text}" for i, s in enumerate(sentences)]
     columns = strip_frame_indices(len(frames), num_columns)
     out_prefix = paths.resolve(out_prefix)

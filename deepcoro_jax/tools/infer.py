@@ -2,7 +2,7 @@
 
 Usage:
   python -m deepcoro_jax.tools.infer --workdir DIR [--checkpoint STEP] [--bank CSV] [--top_k 5]
-      [--json] [--attention OUTDIR] [--beam N] [--study] FILE...
+      [--json] [--attention OUTDIR] [--beam N] [--study] [--ground] FILE...
 
 For each file: the report the caption decoder writes (greedy, or beam search
 with ``--beam N``), the findings ``reports.parse_result`` reads from it, and the
@@ -13,7 +13,11 @@ warning, when that dataset is no longer where the run found it), or the
 unique non-empty values of the ``report`` column (any case) of ``--bank CSV``
 ('α'- or comma-separated, as manifests are). ``--attention OUTDIR`` also writes
 the decoder's cross-attention per sentence as ``OUTDIR/<NNN>_<name>.png`` and
-``.gif`` (``attention_maps``). ``--json`` prints one JSON object per file.
+``.gif`` (``attention_maps``). ``--ground`` (a run trained with LocCa's location
+tasks) also says where each lesion of the generated report is: the box the decoder
+writes for the lesion's phrase (``inference.ground_lesions``), in the output (JSON:
+``grounding``) and outlined on its sentence's attention maps.
+``--json`` prints one JSON object per file.
 ``--study``: the files are the videos of one study, encoded together as the
 model encodes a study (its pooling and the decoder read the tokens of every
 video at once), for one report and one embedding; files that cannot be read are
@@ -168,6 +172,17 @@ def _print_result(record: dict, as_json: bool) -> None:
         ]
     else:
         lines.append("  nearest bank reports: none (no report bank)")
+    if "grounding" in record:
+        if not record["grounding"]:
+            lines.append("  where: no lesion in the report")
+        for g in record["grounding"]:
+            name = f"{reports.SEGMENT_NAMES[g['segment']]} {g['percent']:g}%"
+            if g["box"] is None:
+                lines.append(f"  where: {name}: no readable box")
+            else:
+                y0, x0, y1, x1 = g["box"]
+                lines.append(f"  where: {name}: frame {g['frame']}, box y {y0:.3f}-{y1:.3f}, "
+                             f"x {x0:.3f}-{x1:.3f}")
     if "attention_png" in record:
         lines.append(f"  attention maps: {record['attention_png']}, {record['attention_gif']}")
     elif "attention_error" in record:
@@ -183,16 +198,38 @@ def _print_error(path: str, reason: str, as_json: bool) -> None:
 
 
 def _attention_files(
-    run: inference.Run, clip: np.ndarray, tokens: np.ndarray, out_dir: str, index: int, path: str
+    run: inference.Run, clip: np.ndarray, tokens: np.ndarray, out_dir: str, index: int, path: str,
+    grounded: Sequence[inference.GroundedLesion] = (),
 ) -> dict:
-    """Writes the attention maps of file number `index`; their paths (or why there are none)."""
+    """Writes the attention maps of file number `index`, with the box of each sentence's
+    lesion where `grounded` has it; their paths (or why there are none)."""
     sentences = attention_maps.report_attention(run, clip, tokens)
     if not sentences:
         return {"attention_error": "the generated report is empty"}
+    where = {lesion.segment: lesion.box for lesion in grounded}
+    boxes = []
+    for sentence in sentences:
+        named = [s for s in reports.parse(sentence.text).lesions if where.get(s) is not None]
+        boxes.append(where[named[0]] if named else None)
     stem = os.path.splitext(os.path.basename(path))[0] or "file"
     prefix = os.path.join(out_dir, f"{index:03d}_{stem}")
-    png, gif = attention_maps.save_attention_maps(clip, sentences, prefix)
+    png, gif = attention_maps.save_attention_maps(clip, sentences, prefix, boxes=boxes)
     return {"attention_png": png, "attention_gif": gif}
+
+
+def report_lesions(report: str) -> list[tuple[str, float]]:
+    """The (segment, percent) of each lesion a generated report states, in SEGMENTS order."""
+    lesions = reports.parse(report).lesions
+    return [(segment, lesion.stenosis) for segment, lesion in lesions.items()
+            if lesion.stenosis > 0]
+
+
+def _grounding_record(grounded: Sequence[inference.GroundedLesion]) -> dict:
+    return {"grounding": [
+        {"segment": g.segment, "percent": g.percent, "phrase": g.phrase, "frame": g.frame,
+         "box": None if g.box is None else [round(float(v), 4) for v in g.box]}
+        for g in grounded
+    ]}
 
 
 def _try_load(load_clip: Callable[[str], np.ndarray], path: str):
@@ -243,17 +280,25 @@ def run_files(run: inference.Run, files: Sequence[str], args: argparse.Namespace
             generated = inference.generate_reports(
                 run, batch, beam_size=args.beam, batch_size=FILES_PER_CHUNK
             )
+            grounded = (
+                inference.ground_lesions(run, batch, [report_lesions(t) for t in generated.texts],
+                                         batch_size=FILES_PER_CHUNK)
+                if args.ground else [[] for _ in clips]
+            )
         loaded = [(position, o) for position, o in enumerate(outcomes) if "error" not in o]
         for i, (position, outcome) in enumerate(loaded):
             path = outcome["file"]
             outcome.update(
                 _result_record(path, generated.texts[i], similarities[i], bank, top_k, run.step)
             )
+            if args.ground:
+                outcome.update(_grounding_record(grounded[i]))
             if args.attention:
                 index = start + position
                 outcome.update(
                     _attention_files(
-                        run, batch[i], generated.tokens[i], args.attention, index, path
+                        run, batch[i], generated.tokens[i], args.attention, index, path,
+                        grounded[i],
                     )
                 )
         for outcome in outcomes:
@@ -307,10 +352,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--study", action="store_true", help="the files are one study: one report for all"
     )
+    parser.add_argument(
+        "--ground", action="store_true",
+        help="where each lesion of the report is: its box (runs trained with location tokens)",
+    )
     parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM, AVI, MP4 or .npy")
     args = parser.parse_args(argv)
     if args.study and args.attention:
         parser.error("--attention draws one video's maps; it does not combine with --study")
+    if args.study and args.ground:
+        parser.error("--ground locates lesions in one video's frames; it does not combine "
+                     "with --study")
     for name in ("workdir", "bank", "attention"):
         setattr(args, name, paths.resolve(getattr(args, name)) if getattr(args, name) else None)
     args.files = [paths.resolve(f) for f in args.files]

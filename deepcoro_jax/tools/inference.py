@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from deepcoro_jax import console, paths
-from deepcoro_jax.domain import tokenizers
+from deepcoro_jax.domain import locations, tokenizers
 from deepcoro_jax.models import multitask
 from deepcoro_jax.training import checkpoint, sharding
 from deepcoro_jax.training import run as run_lib
@@ -332,6 +332,73 @@ def generate_reports(
         tokens.append(np.asarray(jax.device_get(out))[:real])
     all_tokens = np.concatenate(tokens).astype(np.int32)
     return GeneratedReports([tok.decode(row.tolist()) for row in all_tokens], all_tokens)
+
+
+class GroundedLesion(NamedTuple):
+    """Where the model puts one named lesion (``ground_lesions``): its box on a clip frame,
+    or None where the decoder wrote no readable box."""
+
+    segment: str
+    percent: float
+    phrase: str
+    frame: int | None
+    box: np.ndarray | None  # float32 [4] (y0, x0, y1, x1) in [0, 1] of the clip's frame
+
+
+def ground_lesions(
+    run: Run,
+    videos: np.ndarray,
+    lesions: Sequence[Sequence[tuple[str, float]]],
+    *,
+    batch_size: int = 16,
+) -> list[list[GroundedLesion]]:
+    """LocCa's referring expressions: for each clip [N, T, H, W, C] and each of its
+    lesions [(segment, percent)], the box the decoder writes after "<aref>" and the
+    lesion's phrase (``locations.lesion_phrase``), decoding only a frame-time token and
+    four coordinate tokens. Needs a run trained with ``config.model.location_bins``."""
+    tok = run.caption_tokenizer
+    if not isinstance(tok, locations.LocationTokenizer):
+        raise ValueError(
+            "this run has no location tokens (config.model.location_bins was 0): it was "
+            "not trained to locate lesions"
+        )
+    videos, _ = _check_clips(videos, "ground_lesions")
+    if len(lesions) != len(videos):
+        raise ValueError(f"ground_lesions: {len(videos)} clips but {len(lesions)} lesion lists")
+    vocab = tok.vocab
+    prompts = max(1, max(len(named) for named in lesions))
+    phrases = [[locations.lesion_phrase(s, p) for s, p in named] for named in lesions]
+    encoded = [[[vocab.task_id("aref"), *tok.encode(text)] for text in texts] for texts in phrases]
+    width = max([len(ids) for row in encoded for ids in row] + [1])
+    prefix = np.full((len(videos), prompts, width), tok.pad_id, np.int32)
+    prefix_len = np.ones((len(videos), prompts), np.int32)  # unused slots: <aref> alone
+    prefix[:, :, 0] = vocab.task_id("aref")
+    for i, row in enumerate(encoded):
+        for m, ids in enumerate(row):
+            prefix[i, m, : len(ids)] = ids
+            prefix_len[i, m] = len(ids)
+    masks = vocab.box_step_masks()
+    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    tokens = []
+    for (clips, batch_prefix, batch_len), real in _device_batches(
+        run, [videos, prefix, prefix_len], batch_size
+    ):
+        memory = run.predict["encode_video"](run.params, {"video": clips})
+        batch = {"video_tokens": memory["video_tokens"],
+                 "video_token_mask": memory["video_token_mask"],
+                 "ground_prefix": batch_prefix, "ground_prefix_len": batch_len}
+        out = run.predict["ground"](run.params, batch, masks, **ids)["ground_tokens"]
+        tokens.append(np.asarray(jax.device_get(out))[:real])
+    tokens = np.concatenate(tokens)  # [N, M, 5]
+    results = []
+    for i, named in enumerate(lesions):
+        row = []
+        for m, (segment, percent) in enumerate(named):
+            read = vocab.read_box(tokens[i, m])
+            frame, box = (None, None) if read is None else read
+            row.append(GroundedLesion(segment, float(percent), phrases[i][m], frame, box))
+        results.append(row)
+    return results
 
 
 def positive_int(value: str) -> int:
