@@ -166,7 +166,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.mvm_decoder_overrides = dict()  # MVMDecoder attributes (set by video_init)
     # LocCa's location vocabulary (deepcoro_jax/domain/locations.py): coordinate bins per
     # axis appended to the caption tokenizer with the clip's frame-time tokens; 0: none.
-    config.model.location_bins = 0
+    # runlocal: a bin is 2 pixels of the 64-pixel clip.
+    config.model.location_bins = 32 if arg.runlocal else 256
     # Report embedding: the mean of the text tower's token states. A from-scratch
     # tower's [CLS] state is nearly the same for every report at init (cosine
     # ~0.99999), which stalls the contrastive loss for its first hundreds of steps.
@@ -194,7 +195,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # writes the report; 'aref' a lesion's box from its phrase; 'gcap' a box, then its
     # phrase (docs/training.md, "Location tasks"). 'aref' and 'gcap' need
     # model.location_bins and prepared data with lesion boxes (prepare --boxes).
-    config.loss.locca_tasks = ml_collections.ConfigDict(dict(cap=1.0, aref=0.0, gcap=0.0))
+    # Data without boxes is captioned only (one warning).
+    config.loss.locca_tasks = ml_collections.ConfigDict(dict(cap=0.5, aref=0.25, gcap=0.25))
     config.loss.weights = ml_collections.ConfigDict(
         dict(contrastive=1.0, caption=1.0, mvm=1.0, distill=0.0)
     )
@@ -277,6 +279,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     if not arg.data:
         config.evals.val_probe.labels = ("right_dominant", "view_cto", "view_severe")
+
+    # LocCa's location tasks (AREF, GCAP) beside their anatomy prior and chance; left out
+    # (one warning) where the data has no lesion boxes or the model no location tokens.
+    config.evals.val_grounding = dict(
+        type="grounding", log_steps=eval_steps, split="val", batch_size=eval_batch
+    )
 
     # ------------------------------------------------------ init from another run
     config.init = ml_collections.ConfigDict(dict(workdir="", include="encoder/.*", step=-1))
