@@ -3,7 +3,8 @@
 With ``config.input.data_dir`` set, that prepared dataset is used as is. Left
 empty, the trainer uses synthetic studies generated and prepared once into a
 cache folder (``config.input.synthetic``), so a fresh checkout trains with no
-data of its own; the synthetic path runs through the real `prepare`.
+data of its own; the synthetic path runs through the real `prepare`, lesion
+boxes included (``--boxes``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def ensure_synthetic(
         workers=workers,
         label_columns=SYNTHETIC_LABELS,
         report_column=REPORT_COLUMNS[options["report_scope"]],
+        boxes=os.path.join(source, "boxes.jsonl"),
         overwrite=True,
     )
     if not os.path.exists(marker):

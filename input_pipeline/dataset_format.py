@@ -5,7 +5,8 @@ A prepared dataset is a TFDS-readable folder (``tfds.builder_from_directory``):
     DIR/
     deepcoro-train.tfrecord-00000-of-00004 ...  TFRecord shards of tf.train.Example
     dataset_info.json, features.json            TFDS metadata
-    deepcoro_dataset.json                       DatasetMeta: size, frames, labels, tokenizer
+    deepcoro_dataset.json                       DatasetMeta: size, frames, labels, tokenizer,
+                                                lesion boxes or not
     spm.model                                   SentencePiece model trained on train reports
     prepare_report.json                         what `prepare` wrote and what failed
 
@@ -23,6 +24,13 @@ One example is one video:
     video_in_study  int32, this video's index within its study
     videos_in_study int32, how many videos of the study the split holds
     labels          {column: float32 (NaN when missing) or text}, the label columns
+    lesions         only when DatasetMeta.lesion_boxes (prepare's --boxes): the video's
+                    K >= 0 lesion boxes, sorted by frame, as
+                    box       [K, 4] float32, (y0, x0, y1, x1) in [0, 1] of the stored
+                              frame (its pixel i spans [i / size, (i + 1) / size))
+                    frame     [K] int32, the stored frame that shows the annotated one
+                    segment   [K] text, a deepcoro_jax.domain.reports.SEGMENTS key
+                    severity  [K] float32, percent stenosis in (0, 100] (100: occlusion)
 
 Within a split, the videos of one study are written consecutively and in one
 shard, so a pipeline that reads shards in order sees each study whole.
@@ -66,6 +74,7 @@ class DatasetMeta:
     max_frames: int | None = None  # prepare's --max_frames: only the first N frames kept
     jpeg_quality: int = 95  # for frame_format 'jpeg'
     fps: float | None = None  # prepare's --fps: every video resampled to this rate
+    lesion_boxes: bool = False  # prepare's --boxes: examples hold a "lesions" feature
 
     def __post_init__(self):
         if self.frame_format not in FRAME_FORMATS:
@@ -107,6 +116,15 @@ def build_features(meta: DatasetMeta) -> tfds.features.FeaturesDict:
             {
                 name: (np.float32 if kind == "float" else tfds.features.Text())
                 for name, kind in meta.label_columns.items()
+            }
+        )
+    if meta.lesion_boxes:
+        spec["lesions"] = tfds.features.Sequence(
+            {
+                "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+                "frame": np.int32,
+                "segment": tfds.features.Text(),
+                "severity": np.float32,
             }
         )
     return tfds.features.FeaturesDict(spec)

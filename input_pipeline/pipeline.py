@@ -189,7 +189,9 @@ def _group_studies(videos: tf.data.Dataset) -> tf.data.Dataset:
     def empty(spec: tf.TensorSpec) -> tf.Tensor:
         return tf.zeros([0, *spec.shape], spec.dtype)
 
-    fields = {k: v for k, v in videos.element_spec.items() if k != "frames"}
+    # Lesion boxes (any number per video) are not carried into studies: the location
+    # tasks are per video.
+    fields = {k: v for k, v in videos.element_spec.items() if k not in ("frames", "lesions")}
     initial = {
         "frames": tf.zeros([0], tf.string),
         **tf.nest.map_structure(empty, fields),

@@ -10,7 +10,7 @@ Usage:
       [--root DIR] [--workers N] [--size 256] [--max_frames N] [--fps F]
       [--min_frames 8] [--frame_format png|jpeg] [--label_columns a,b] [--vocab SPEC]
       [--splits train,val,test] [--allow_split_overlap] [--overwrite] [--log_every N]
-      [--report_scope study|view --system_column COL]
+      [--report_scope study|view --system_column COL] [--boxes FILE]
 
 The manifest is DeepCORO-CLIP's: 'α'- or comma-separated (read from the header
 line), one row per video with the columns FileName, Split, Report and optionally
@@ -38,6 +38,23 @@ in manifest order and its rows in other splits are skipped, unless
 an earlier row. A SentencePiece model is trained on the written train studies'
 reports (one per study) and stored as DIR/spm.model, unless --vocab names a
 tokenizer.
+
+`--boxes FILE` stores lesion boxes with the videos (the "lesions" feature of
+`dataset_format`): JSON lines (.jsonl, .json) or CSV (.csv) with the fields file
+(as in the manifest's file column), frame (0-based, of the source video),
+segment (a `reports.SEGMENTS` key or a `reports.SEGMENT_NAMES` name, any case),
+severity (percent stenosis in (0, 100]) and y0, x0, y1, x1 (source pixels; pixel
+i spans [i, i + 1)). Each box goes through what `video_io.load_video` does to
+the frames: the centred square crop and the resize to --size (`normalised_box`:
+stored as (y0, x0, y1, x1) in [0, 1]) and, in time, --fps and --max_frames
+(`stored_frame`: the stored frame that shows the annotated one, or the one
+nearest in time). A bad box row never stops the run and loses nothing else: it
+is counted and listed with its reason in the report's "boxes" section (an
+unknown file or segment, a value that is not a finite number, an empty box, a
+severity out of range, a box outside the source frame or the crop, a frame
+outside the video or beyond --max_frames, a video not written); a box partly
+outside the frame is clipped, counted and listed. A boxes file that cannot be
+read or lacks a field is an error before anything is decoded.
 
 A run works in a hidden folder beside DIR, `.DIR.tmp-KEY`, where KEY hashes the
 manifest's bytes and every argument that changes the output (not --workers,
@@ -76,9 +93,11 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from deepcoro_jax import console, paths
 from deepcoro_jax.domain import reports, tokenizers
@@ -337,19 +356,44 @@ class _DecodeResult:
     frames: list[bytes]  # one PNG/JPEG per frame; empty on failure
     fps: float
     error: str | None
+    # The source, for placing lesion boxes: its frames' (H, W), its length (None when
+    # decoding stopped at --max_frames) and its own frame rate (0 when unknown).
+    source_shape: tuple[int, int] = (0, 0)
+    source_frames: int | None = None
+    source_fps: float = 0.0
 
 
 def _decode(task: _DecodeTask) -> _DecodeResult:
+    """Decodes as `video_io.load_video(path, size, max_frames, fps)` does; with --fps the
+    resampling is done here, so that the source's length and rate are known too."""
     try:
-        video = video_io.load_video(task.path, task.size, task.max_frames, task.fps)
+        video = video_io.load_video(task.path, task.size, None if task.fps else task.max_frames)
+        frames, fps = video.frames, video.fps
+        if task.fps is not None:
+            if video.fps == 0.0:
+                raise video_io.VideoError(
+                    video_io.UNKNOWN_FRAME_RATE,
+                    f"{task.path} does not give its frame rate (DICOM CineRate, "
+                    "RecommendedDisplayFrameRate, FrameTime or FrameTimeVector; the AVI/MP4 "
+                    f"stream's rate; never for .npy), so it cannot be resampled to {task.fps} fps",
+                )
+            shown = video_io.resample_frames(np.arange(len(frames)), video.fps, task.fps)
+            frames, fps = frames[shown[: task.max_frames]], task.fps
     except video_io.VideoError as e:
         return _DecodeResult(frames=[], fps=0.0, error=str(e))
     except Exception as e:  # one bad file must not stop a run over 300k videos
         return _DecodeResult(
             frames=[], fps=0.0, error=f"{UNEXPECTED_ERROR}: {task.path}: {type(e).__name__}: {e}"
         )
-    encoded = video_io.encode_frames(video.frames, task.frame_format, task.jpeg_quality)
-    return _DecodeResult(frames=encoded, fps=video.fps, error=None)
+    whole = task.fps is not None or task.max_frames is None or len(video.frames) < task.max_frames
+    return _DecodeResult(
+        frames=video_io.encode_frames(frames, task.frame_format, task.jpeg_quality),
+        fps=fps,
+        error=None,
+        source_shape=video.source_shape,
+        source_frames=len(video.frames) if whole else None,
+        source_fps=video.fps,
+    )
 
 
 class _DecodeCache:
@@ -416,6 +460,311 @@ def _decode_in_order(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# Lesion boxes (--boxes): read and checked in the main process before decoding, placed
+# in each written video's stored frames after it.
+
+BOX_FIELDS = ("file", "frame", "segment", "severity", "y0", "x0", "y1", "x1")
+BOX_FORMATS = {".jsonl": "JSON lines", ".json": "JSON lines", ".csv": "CSV"}
+MAX_REPORTED_BOX_ROWS = 20  # offending box rows listed in the report; all are counted
+# Why a box row is not stored ("kind: details", counted by kind).
+MALFORMED_BOX_ROW = "malformed row"
+UNKNOWN_BOX_FILE = "unknown file"
+UNKNOWN_SEGMENT = "unknown segment"
+NON_NUMERIC_VALUE = "non-numeric value"
+SEVERITY_OUT_OF_RANGE = "severity outside (0, 100]"
+EMPTY_BOX = "empty box"
+BOX_OUTSIDE_SOURCE = "box outside the source frame"
+BOX_CROPPED_AWAY = "box outside the stored frame"
+FRAME_OUTSIDE_VIDEO = "frame outside the video"
+FRAME_NOT_STORED = "frame not stored"
+VIDEO_NOT_WRITTEN = "video not written"
+# Why a stored box was clipped.
+CLIPPED_TO_SOURCE = "box partly outside the source frame"
+CLIPPED_TO_STORED = "box partly outside the stored frame"
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxRow:
+    """One usable row of a --boxes file; `line` is its line in the file (1-based)."""
+
+    line: int
+    file: str  # as written in the manifest's file column
+    frame: int  # 0-based, in the source video
+    segment: str  # a reports.SEGMENTS key
+    severity: float  # percent stenosis in (0, 100]
+    box: tuple[float, float, float, float]  # (y0, x0, y1, x1) in source pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxTable:
+    path: str
+    rows: dict[str, list[BoxRow]]  # file -> its usable rows, in file order
+    read: int  # data rows in the file
+    rejected: list[dict]  # rows unusable as written: {"line", "file", "reason"}
+
+
+_SEGMENT_KEYS = {
+    **{name.lower(): segment for segment, name in reports.SEGMENT_NAMES.items()},
+    **{segment: segment for segment in reports.SEGMENTS},
+}
+
+
+def read_boxes(path: str, files: Collection[str]) -> BoxTable:
+    """Reads and checks a --boxes file: JSON lines (.jsonl, .json: one object per line)
+    or CSV (.csv, comma-separated, with a header), with the fields BOX_FIELDS.
+
+    `files` are the manifest's file column values; a row naming another file, or with
+    an unknown segment, a value that is not a finite number, a negative or fractional
+    frame, an empty box (y1 <= y0 or x1 <= x0) or a severity outside (0, 100] goes to
+    `rejected`. Raises FileNotFoundError or ValueError, naming the file, when it does
+    not exist, cannot be read, has another extension or lacks a field in every row (a
+    CSV: in its header); an empty JSON lines file holds no boxes.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in BOX_FORMATS:
+        raise ValueError(
+            f"--boxes {path}: unknown extension {extension or '(none)'!r}; use "
+            f"{', '.join(BOX_FORMATS)} (JSON lines or CSV)"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--boxes {path} does not exist")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            records = list(_json_records(f) if BOX_FORMATS[extension] == "JSON lines"
+                           else _csv_records(f, path))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--boxes {path} is not UTF-8 text: {e}") from e
+    except OSError as e:
+        raise OSError(f"--boxes {path} cannot be read: {e.strerror or e}") from e
+    if BOX_FORMATS[extension] == "JSON lines":
+        present = {name for _, record, problem in records if problem is None for name in record}
+        missing = [name for name in BOX_FIELDS if name not in present]
+        if records and missing:
+            raise ValueError(
+                f"--boxes {path}: no row has the field(s) {', '.join(missing)}; each line must "
+                f"be a JSON object with the fields {', '.join(BOX_FIELDS)} (found: "
+                f"{', '.join(sorted(present)) or 'no object'})"
+            )
+    rows: dict[str, list[BoxRow]] = {}
+    rejected = []
+    for line, record, problem in records:
+        parsed = _box_row(line, record, problem, files)
+        if isinstance(parsed, BoxRow):
+            rows.setdefault(parsed.file, []).append(parsed)
+        else:
+            rejected.append(parsed)
+    return BoxTable(path=path, rows=rows, read=len(records), rejected=rejected)
+
+
+def _json_records(lines: Iterable[str]) -> Iterator[tuple[int, dict, str | None]]:
+    """(line number, its object, what is wrong with the line) of each non-blank line."""
+    for line, text in enumerate(lines, start=1):
+        if text.strip():
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line, {}, f"not JSON ({e.msg})"
+                continue
+            if isinstance(value, dict):
+                yield line, value, None
+            else:
+                yield line, {}, "not a JSON object"
+
+
+def _csv_records(f: Iterable[str], path: str) -> Iterator[tuple[int, dict, str | None]]:
+    """(line number, {column: value}, what is wrong with the row) of each CSV row."""
+    reader = csv.reader(f)
+    header = [name.strip() for name in next(reader, [])]
+    missing = [name for name in BOX_FIELDS if name not in header]
+    if missing:
+        raise ValueError(
+            f"--boxes {path} has no column(s) {', '.join(missing)}; its header is {header}, "
+            f"and it needs {', '.join(BOX_FIELDS)} (comma-separated)"
+        )
+    for record in reader:
+        if record:
+            fields = dict(zip(header, record, strict=False))
+            problem = None
+            if len(record) != len(header):
+                problem = f"{len(record)} fields where the header has {len(header)}"
+            yield reader.line_num, fields, problem
+
+
+def _box_row(
+    line: int, record: dict, problem: str | None, files: Collection[str]
+) -> BoxRow | dict:
+    """The row, or its rejection {"line", "file", "reason"}."""
+    file = str(record.get("file", "")).strip()
+
+    def rejection(reason: str) -> dict:
+        return {"line": line, "file": file, "reason": reason}
+
+    if problem is not None:
+        return rejection(f"{MALFORMED_BOX_ROW}: {problem}")
+    absent = [name for name in BOX_FIELDS if name not in record]
+    if absent:
+        return rejection(f"{MALFORMED_BOX_ROW}: no {', '.join(absent)}")
+    if file not in files:
+        return rejection(f"{UNKNOWN_BOX_FILE}: {file!r} is not in the manifest's file column")
+    segment = _SEGMENT_KEYS.get(str(record["segment"]).strip().lower())
+    if segment is None:
+        return rejection(f"{UNKNOWN_SEGMENT}: {record['segment']!r} is neither a segment key "
+                         "(prox_lad, ...) nor a segment name (proximal LAD, ...)")
+    values = {}
+    for name in BOX_FIELDS[1:]:
+        if name == "segment":
+            continue
+        value = _finite_number(record[name])
+        if value is None:
+            return rejection(f"{NON_NUMERIC_VALUE}: {name} is {record[name]!r}, not a finite "
+                             "number")
+        values[name] = value
+    frame = values["frame"]
+    if frame != int(frame):
+        return rejection(f"{NON_NUMERIC_VALUE}: frame is {record['frame']!r}, not a whole number")
+    if frame < 0:
+        return rejection(f"{FRAME_OUTSIDE_VIDEO}: frame {int(frame)} is negative")
+    if not 0 < values["severity"] <= 100:
+        return rejection(f"{SEVERITY_OUT_OF_RANGE}: {values['severity']:g}% is not a stenosis "
+                         "percent in (0, 100]")
+    box = (values["y0"], values["x0"], values["y1"], values["x1"])
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return rejection(f"{EMPTY_BOX}: (y0, x0, y1, x1) = {box} needs y1 > y0 and x1 > x0")
+    return BoxRow(line, file, int(frame), segment, values["severity"], box)
+
+
+def _finite_number(value: object) -> float | None:
+    """`value` as a finite float (from a JSON number or a numeric string), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def normalised_box(
+    box: tuple[float, float, float, float], source_shape: tuple[int, int]
+) -> tuple[tuple[float, float, float, float] | None, str | None]:
+    """A box (y0, x0, y1, x1) in source pixels (pixel i spans [i, i + 1)) -> in [0, 1] of
+    the stored frame, through the spatial mapping of `video_io.load_video`: the centred
+    square crop of side min(H, W) (rows from (H - side) // 2, columns from
+    (W - side) // 2), then the resize to --size, which scales by size / side.
+
+    Returns (box, None); (box, why it was clipped) when part of it lay outside the source
+    frame or the crop; (None, why not) when none of it shows in the stored frame.
+    """
+    height, width = source_shape
+    y0, x0, y1, x1 = box
+    if y1 <= 0 or x1 <= 0 or y0 >= height or x0 >= width:
+        return None, f"{BOX_OUTSIDE_SOURCE}: {box} lies outside the {height} x {width} frame"
+    inside = (max(y0, 0.0), max(x0, 0.0), min(y1, float(height)), min(x1, float(width)))
+    note = None
+    if inside != box:
+        note = f"{CLIPPED_TO_SOURCE}: {box} clipped to the {height} x {width} frame"
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    scaled = np.array(inside) - (top, left, top, left)  # in the square crop's pixels
+    normalised = np.clip(scaled / side, 0.0, 1.0)
+    if normalised[2] <= normalised[0] or normalised[3] <= normalised[1]:
+        return None, (f"{BOX_CROPPED_AWAY}: {box} lies outside the centred {side} x {side} "
+                      f"square (rows {top}-{top + side}, columns {left}-{left + side}) that is "
+                      "stored")
+    if note is None and not np.array_equal(normalised, scaled / side):
+        note = (f"{CLIPPED_TO_STORED}: {box} clipped to the centred {side} x {side} square "
+                f"(rows {top}-{top + side}, columns {left}-{left + side}) that is stored")
+    return tuple(float(v) for v in normalised), note
+
+
+def stored_frame(
+    frame: int, shown: np.ndarray, num_stored: int, source_frames: int | None
+) -> tuple[int | None, str | None]:
+    """The stored frame that shows source frame `frame`, or (None, why not).
+
+    `shown` [N]: the source frame each frame of the (resampled) video shows, before
+    --max_frames keeps the first `num_stored`; `source_frames`: the source's length,
+    None when decoding stopped at --max_frames. The stored frame is the first that
+    shows `frame`; when none does (--fps dropped it), the one showing the source frame
+    nearest in time (the earlier on a tie).
+    """
+    if source_frames is not None and frame >= source_frames:
+        return None, f"{FRAME_OUTSIDE_VIDEO}: frame {frame} of a video of {source_frames} frames"
+    if source_frames is None and frame > shown[-1]:
+        return None, (f"{FRAME_NOT_STORED}: frame {frame} is beyond the first {num_stored} "
+                      "frames, which are all that is stored (--max_frames)")
+    index = int(np.argmin(np.abs(shown - frame)))
+    if index >= num_stored:
+        return None, (f"{FRAME_NOT_STORED}: frame {frame} would be stored frame {index}, beyond "
+                      f"the first {num_stored} kept (--max_frames)")
+    return index, None
+
+
+class _BoxPlacer:
+    """Places the box rows of each written video in its stored frames (`lesions`), and
+    accounts for every row of the --boxes file (`report`)."""
+
+    def __init__(self, table: BoxTable, fps: float | None):
+        self.table = table
+        self.fps = fps
+        self.outcomes: dict[int, tuple[str | None, bool]] = {}  # line -> (reason, stored)
+
+    def lesions(self, path: str, result: _DecodeResult) -> dict[str, np.ndarray | list[str]]:
+        """The "lesions" feature of the video of manifest file `path`, sorted by frame."""
+        placed = []  # (stored frame, line, normalised box, row)
+        rows = self.table.rows.get(path, [])
+        shown = _shown_frames(result, self.fps) if rows else np.zeros(0, np.int64)
+        for row in rows:
+            frame, reason = stored_frame(row.frame, shown, len(result.frames), result.source_frames)
+            box = None
+            if frame is not None:
+                box, reason = normalised_box(row.box, result.source_shape)
+            # A file written twice (--allow_split_overlap) is placed the same way twice.
+            self.outcomes.setdefault(row.line, (reason, box is not None))
+            if box is not None:
+                placed.append((frame, row.line, box, row))
+        placed.sort(key=lambda entry: entry[:2])
+        return {
+            "box": np.array([box for _, _, box, _ in placed], np.float32).reshape(-1, 4),
+            "frame": np.array([frame for frame, _, _, _ in placed], np.int32),
+            "segment": [row.segment for _, _, _, row in placed],
+            "severity": np.array([row.severity for _, _, _, row in placed], np.float32),
+        }
+
+    def report(self) -> dict:
+        """The "boxes" section of prepare_report.json (see `prepare`)."""
+        rejected = list(self.table.rejected)
+        clipped = []
+        for rows in self.table.rows.values():
+            for row in rows:
+                not_written = (f"{VIDEO_NOT_WRITTEN}: no manifest row of {row.file!r} was "
+                               "written (see 'failed')")
+                reason, stored = self.outcomes.get(row.line, (not_written, False))
+                if reason is not None:
+                    (clipped if stored else rejected).append(
+                        {"line": row.line, "file": row.file, "reason": reason})
+        rejected.sort(key=lambda entry: entry["line"])
+        clipped.sort(key=lambda entry: entry["line"])
+        return {
+            "file": self.table.path,
+            "read": self.table.read,
+            "stored": sum(stored for _, stored in self.outcomes.values()),
+            "clipped": len(clipped),
+            "rejected": len(rejected),
+            "rejected_by_reason": _by_reason(rejected),
+            "rejected_rows": rejected[:MAX_REPORTED_BOX_ROWS],
+            "clipped_rows": clipped[:MAX_REPORTED_BOX_ROWS],
+        }
+
+
+def _shown_frames(result: _DecodeResult, fps: float | None) -> np.ndarray:
+    """The source frame that each frame of the video shows, before --max_frames: as
+    `video_io.resample_frames` picks them with --fps, else frame k shows frame k."""
+    if fps is None:
+        return np.arange(len(result.frames))
+    return video_io.resample_frames(np.arange(result.source_frames), result.source_fps, fps)
+
+
 # Main process: group, write, train the tokenizer, publish.
 
 
@@ -476,8 +825,10 @@ def _write_splits(
     min_frames: int,
     max_frames: int | None,
     progress: _Progress,
+    boxes: _BoxPlacer | None = None,
 ) -> tuple[dict[str, int], list[tfds.core.SplitInfo], list[dict], list[str], int]:
-    """Decodes (or takes from `cache`) and writes every row.
+    """Decodes (or takes from `cache`) and writes every row, with its lesion boxes when
+    `boxes` is given.
 
     Returns the videos written per split, the split infos, the failed rows, the
     report of each written train study and the bytes written.
@@ -517,6 +868,8 @@ def _write_splits(
                 example["labels"] = {
                     name: _label_value(row.labels[name], kind) for name, kind in label_kinds.items()
                 }
+            if boxes is not None:
+                example["lesions"] = boxes.lesions(row.path, result)
             serialized = dataset_format.serialize_example(features, example)
             writers[split].write(serialized, new_study=video_index == 0)
         written[split] += len(study)
@@ -596,6 +949,7 @@ def prepare(
     splits: Sequence[str] = DEFAULT_SPLITS,
     report_scope: str = "study",
     system_column: str | None = None,
+    boxes: str | None = None,
     examples_per_shard: int = 256,
     allow_split_overlap: bool = False,
     overwrite: bool = False,
@@ -612,7 +966,11 @@ def prepare(
     {split: count}, "failed": [{"row", "path", "reason"}], "failed_by_reason":
     {kind: count}, "seconds", "videos_per_second", "bytes_per_video"}``, also
     saved as DIR/prepare_report.json, or as DIR.prepare_report.json when nothing
-    was written.
+    was written. With `boxes` (a --boxes file, see the module docstring) every
+    video gets a "lesions" feature and the report a "boxes" entry: {"file", "read",
+    "stored", "clipped", "rejected", "rejected_by_reason": {kind: count},
+    "rejected_rows", "clipped_rows": the first MAX_REPORTED_BOX_ROWS of each as
+    {"line", "file", "reason"}}.
     """
     from input_pipeline import dataset_format
 
@@ -661,6 +1019,16 @@ def prepare(
         splits=splits,
         system_column=system_column if report_scope == "view" else None,
     )
+    box_table = None
+    if boxes is not None:
+        boxes = os.path.abspath(boxes)
+        box_table = read_boxes(boxes, {row.path for row in table.rows}
+                               | {entry["path"] for entry in table.failed})
+        print(
+            f"prepare: {box_table.read} lesion boxes read from {boxes}, "
+            f"{len(box_table.rejected)} of them unusable as written",
+            flush=True,
+        )
     rows, rejected = _drop_overlaps_and_duplicates(table.rows, allow_split_overlap)
     scope_summary = None
     if report_scope == "view":
@@ -690,6 +1058,7 @@ def prepare(
         max_frames=max_frames,
         jpeg_quality=jpeg_quality,
         fps=fps,
+        lesion_boxes=box_table is not None,
     )
     task_of = lambda row: _DecodeTask(
         row.resolved_path, size, max_frames, frame_format, jpeg_quality, fps
@@ -706,6 +1075,7 @@ def prepare(
         "splits": list(splits),
         "examples_per_shard": examples_per_shard,
         "allow_split_overlap": allow_split_overlap,
+        "boxes": _file_digest(boxes) if boxes is not None else None,
     }
     work_dir = _work_dir(out, manifest, settings, map(task_of, rows))
     others = _work_dirs(out) - {work_dir}
@@ -731,6 +1101,7 @@ def prepare(
         f"{progress.to_decode} to decode with {workers} workers",
         flush=True,
     )
+    placer = _BoxPlacer(box_table, fps) if box_table is not None else None
     try:
         written, split_infos, failed, train_reports, num_bytes = _write_splits(
             data_dir,
@@ -745,10 +1116,11 @@ def prepare(
             min_frames,
             max_frames,
             progress,
+            placer,
         )
         failed = sorted(failed_before + failed, key=lambda entry: entry["row"])
         if sum(written.values()) == 0:
-            report = _report(written, failed, num_bytes, start, scope_summary)
+            report = _report(written, failed, num_bytes, start, scope_summary, placer)
             report_path = f"{out}.{REPORT_FILE}"  # beside DIR: an existing DIR stays as it is
             with open(report_path, "w") as f:
                 json.dump(report, f, indent=2)
@@ -771,7 +1143,7 @@ def prepare(
             split_infos,
             description=f"Angiography videos and reports from {os.path.abspath(manifest)}.",
         )
-        report = _report(written, failed, num_bytes, start, scope_summary)
+        report = _report(written, failed, num_bytes, start, scope_summary, placer)
         with open(os.path.join(data_dir, REPORT_FILE), "w") as f:
             json.dump(report, f, indent=2)
         _move_into_place(data_dir, out)
@@ -806,6 +1178,14 @@ def _work_dir(out: str, manifest: str, settings: dict, tasks: Iterable[_DecodeTa
     return os.path.join(os.path.dirname(out), name)
 
 
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _work_dirs(out: str) -> set[str]:
     """The work folders of every run for `out`, interrupted ones included."""
     pattern = f".{glob.escape(os.path.basename(out))}.tmp-*"
@@ -827,16 +1207,26 @@ def _print_summary(report: dict, out: str, report_path: str) -> None:
         print(f"prepare: 0 written; {kept}")
     reasons = ", ".join(f"{count} {kind}" for kind, count in report["failed_by_reason"].items())
     print(f"prepare: {len(report['failed'])} rows failed" + (f" ({reasons})" if reasons else ""))
+    if "boxes" in report:
+        boxes = report["boxes"]
+        reasons = ", ".join(f"{n} {kind}" for kind, n in boxes["rejected_by_reason"].items())
+        print(
+            f"prepare: lesion boxes: {boxes['stored']} of {boxes['read']} stored "
+            f"({boxes['clipped']} clipped), {boxes['rejected']} rejected"
+            + (f" ({reasons})" if reasons else "")
+        )
     print(f"prepare: report in {report_path}", flush=True)
 
 
 def _report(written: dict[str, int], failed: list[dict], num_bytes: int, start: float,
-            scope_summary: dict | None = None) -> dict:
+            scope_summary: dict | None = None, boxes: _BoxPlacer | None = None) -> dict:
     total = sum(written.values())
     seconds = time.monotonic() - start
     scope = {"report_scope": scope_summary} if scope_summary else {}
+    lesion_boxes = {"boxes": boxes.report()} if boxes is not None else {}
     return {
         **scope,
+        **lesion_boxes,
         "written": written,
         "failed_by_reason": _by_reason(failed),
         "failed": failed,
@@ -900,6 +1290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(its sentences and dominance; needs --system_column)",
     )
     parser.add_argument("--system_column", help="the column of each video's system (left/right)")
+    parser.add_argument(
+        "--boxes",
+        help="lesion boxes to store with the videos: JSON lines (.jsonl, .json) or CSV (.csv) "
+        "with file, frame, segment, severity, y0, x0, y1, x1 (source pixels)",
+    )
     parser.add_argument("--splits", type=_comma_list, default=list(DEFAULT_SPLITS))
     parser.add_argument("--examples_per_shard", type=int, default=256)
     parser.add_argument(
@@ -913,7 +1308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="library log lines too")
     args = vars(parser.parse_args(argv))
-    for name in ("manifest", "out", "root"):
+    for name in ("manifest", "out", "root", "boxes"):
         args[name] = paths.resolve(args[name]) if args[name] else args[name]
     if args["vocab"]:
         args["vocab"] = paths.resolve_tokenizer_spec(args["vocab"])

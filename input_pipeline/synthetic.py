@@ -27,7 +27,8 @@ studies (~900 videos) then take ~100 CPU-seconds, about a minute with --workers 
 on two idle cores. `--size 512 --num_frames 40 120` gives the real size and length
 (~1.5 CPU-seconds and up to ~1 GB of memory per video and worker).
 Writes DIR/manifest.csv (DeepCORO-CLIP format, 'α'-separated unless --sep),
-DIR/ground_truth.json (findings, views and per-frame lesion boxes) and
+DIR/ground_truth.json (findings, views and per-frame lesion boxes), DIR/boxes.jsonl
+(those boxes as `prepare --boxes` reads them) and
 DIR/videos/study_NNNNN/VV_<view>.{mp4,avi,dcm}.
 """
 
@@ -54,9 +55,10 @@ from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, ge
 from deepcoro_jax.domain import reports
 from input_pipeline import synthetic_findings
 
-# Bumped whenever a change alters the pixels or findings drawn for a seed; the
-# trainer's synthetic cache is keyed on it (data_cache.synthetic_dir).
-RENDERER_VERSION = 3
+# Bumped whenever a change alters what `generate` writes for a seed (pixels, findings,
+# boxes) or how the trainer's synthetic cache prepares it, which is keyed on it
+# (data_cache.synthetic_dir).
+RENDERER_VERSION = 4
 FORMATS = ("mp4", "avi", "dcm")
 MANIFEST_COLUMNS = (
     "FileName",
@@ -1195,12 +1197,13 @@ def generate(
     """Writes `num_studies` synthetic studies into out_dir and returns the manifest path.
 
     out_dir gets videos/study_NNNNN/VV_<view>.<format>, manifest.csv (columns
-    MANIFEST_COLUMNS, separated by `sep`, FileName relative to out_dir) and
+    MANIFEST_COLUMNS, separated by `sep`, FileName relative to out_dir),
     ground_truth.json ({"seed", "size", "studies": [{"index", "study_uid", "split",
     "report", "findings" (reports.to_json), "videos": [{"file", "view", "system",
     "format", "num_frames", "fps", "magnification", "landmark", "view_report",
     "view_findings", "series_uid", "lesion_boxes": {segment: [T x [x0, y0, x1,
-    y1]]}}]}]}). `magnified_fraction` and `magnifications` add magnified views (see
+    y1]]}}]}]}) and boxes.jsonl, the lesion boxes for `prepare --boxes` (see
+    `box_rows`). `magnified_fraction` and `magnifications` add magnified views (see
     `plan_study`). The same arguments give the same frames whatever `workers` is
     (studies are seeded independently).
     """
@@ -1234,7 +1237,30 @@ def generate(
     truth = {"seed": seed, "size": size, "studies": [study for _, study in results]}
     with open(out_dir / "ground_truth.json", "w", encoding="utf-8") as ground_truth:
         json.dump(truth, ground_truth)
+    with open(out_dir / "boxes.jsonl", "w", encoding="utf-8") as boxes:
+        boxes.writelines(json.dumps(row) + "\n" for row in box_rows(truth))
     return manifest_path
+
+
+def box_rows(truth: Mapping) -> list[dict[str, object]]:
+    """The ground truth's lesion boxes as rows of a `prepare --boxes` file: one per
+    video, lesion and frame, {"file" (as in the manifest), "frame", "segment",
+    "severity" (the lesion's percent in the video's findings; a CTO is 100), "y0",
+    "x0", "y1", "x1"}. The ground truth's boxes (x0, y0, x1, y1) put pixel centres at
+    integers; a --boxes file lets pixel i span [i, i + 1), hence the half pixel."""
+    rows = []
+    for study in truth["studies"]:
+        for video in study["videos"]:
+            shown = reports.from_json(video["view_findings"])
+            for segment, boxes in video["lesion_boxes"].items():
+                severity = shown.stenosis(segment)
+                if severity == 0:  # a stent or calcium without narrowing: no stenosis box
+                    continue
+                for frame, (x0, y0, x1, y1) in enumerate(boxes):
+                    rows.append({"file": video["file"], "frame": frame, "segment": segment,
+                                 "severity": severity, "y0": y0 + 0.5, "x0": x0 + 0.5,
+                                 "y1": y1 + 0.5, "x1": x1 + 0.5})
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
