@@ -21,7 +21,7 @@ import tensorflow as tf
 from deepcoro_jax.domain import locations, reports
 from input_pipeline import ops
 
-LESIONS_KEY = "lesions"
+LESIONS_KEY = ops.LESIONS_KEY
 
 
 def _clip_frames(data: ops.Example, video_key: str, op: str) -> int:

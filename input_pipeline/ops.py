@@ -145,6 +145,8 @@ def get_preprocess_fn(pp: str, **context) -> Callable[[Example], Example]:
     ``data_dir``) that the string does not set. Unknown op names, malformed
     calls and bad arguments raise ValueError naming the op.
     """
+    from input_pipeline import location_ops  # noqa: F401 (registers the location tasks' ops)
+
     texts = _split_ops(pp)
     if any(not t for t in texts):
         raise ValueError(f"pp string {pp!r} has an empty op (a stray '|'?)")
@@ -213,6 +215,41 @@ def _resize(video: tf.Tensor, size: tuple[int, int], antialias: bool) -> tf.Tens
 
 # ----------------------------------------------------------------------------- temporal
 
+# Lesion annotations, where an example has them: ``data[LESIONS_KEY]`` is a dict of
+# "box" float32 [K, 4] (y0, x0, y1, x1) normalised to [0, 1] of the frame, in
+# continuous pixel coordinates (pixel i spans [i, i + 1), so x = pixel_x / width);
+# "frame" int32 [K], the stored frame each box was drawn on; "segment" and
+# "severity" [K]. The ops keep them in step with the pixels: decode_sample_frames
+# adds "clip_frame" and "visible", the spatial ops move "box" and clear "visible"
+# for boxes cut off. K may be 0; examples without LESIONS_KEY are left as they were.
+LESIONS_KEY = "lesions"
+MIN_VISIBLE = 0.5  # the spatial ops' default: the least share of a box that must stay in view
+
+
+def _lesions_in_clip(
+    lesions: dict[str, tf.Tensor],
+    positions: tf.Tensor,
+    frame_mask: tf.Tensor,
+    step: tf.Tensor,
+    total: tf.Tensor,
+) -> dict[str, tf.Tensor]:
+    """Adds "clip_frame" (the real clip frame nearest each lesion's annotated frame, the
+    earlier on ties) and ANDs "visible" with: the annotated frame is a frame of the video
+    and at most step // 2 source frames from that clip frame."""
+    frame = tf.cast(lesions["frame"], tf.int32)  # [K]
+    distance = tf.abs(frame[:, None] - positions[None, :])  # [K, num_frames]
+    distance = tf.where(frame_mask[None, :], distance, tf.int32.max)
+    nearest = tf.reduce_min(distance, axis=1)  # [K]
+    num_frames = tf.shape(positions)[0]
+    clip_index = tf.range(num_frames)[None, :]
+    clip_frame = tf.reduce_min(
+        tf.where(distance == nearest[:, None], clip_index, num_frames), axis=1
+    )  # [K]: the first of the nearest
+    visible = (nearest <= step // 2) & (frame >= 0) & (frame < total)
+    if "visible" in lesions:
+        visible = visible & lesions["visible"]
+    return {**lesions, "clip_frame": clip_frame, "visible": visible}
+
 
 @register("decode_sample_frames")
 def decode_sample_frames(
@@ -239,6 +276,14 @@ def decode_sample_frames(
     padded frames. Outputs `outkey` uint8 [num_frames, H, W, 1], `mask_key`, and
     `indices_key` int32 [num_frames], the source frame each output frame shows
     (the last frame's index for padding).
+
+    Lesions (``LESIONS_KEY``), where present, gain "clip_frame" int32 [K]: the
+    real (unpadded) output frame whose source index is nearest the lesion's
+    annotated "frame", the earlier one on ties; and "visible" bool [K] (ANDed
+    into an existing one): True when the annotated frame is a frame of the video
+    (0 <= frame < T) within half the stride in use (``step // 2`` frames, the
+    stride from `target_fps` where that applies) of that clip frame, i.e. inside
+    the clip's time span. Their boxes are untouched.
     """
     op = "decode_sample_frames"
     if not (isinstance(num_frames, int) and num_frames > 0):
@@ -282,12 +327,93 @@ def decode_sample_frames(
         if pad == "zeros":
             video = tf.where(frame_mask[:, None, None, None], video, tf.zeros_like(video))
         video.set_shape([num_frames, None, None, 1])
-        return {**data, outkey: video, mask_key: frame_mask, indices_key: indices}
+        out = {**data, outkey: video, mask_key: frame_mask, indices_key: indices}
+        if LESIONS_KEY in data:
+            out[LESIONS_KEY] = _lesions_in_clip(
+                data[LESIONS_KEY], positions, frame_mask, step, total
+            )
+        return out
 
     return apply
 
 
 # ----------------------------------------------------------------------------- spatial
+
+# Each spatial op moves the lesion boxes (LESIONS_KEY) with the same geometry it
+# applies to the pixels, clips them to [0, 1], and clears "visible" (all True where
+# it is missing) for a box of which less than `min_visible` of its area (as mapped,
+# before clipping) lies in the new frame, or nothing does. Padding that an op fills
+# in (scale_rotate_jitter's reflected borders) does not count as in the frame.
+
+
+def _lesion_boxes(data: Example) -> tf.Tensor:
+    """The lesions' boxes, float32 [K, 4] (y0, x0, y1, x1)."""
+    return tf.reshape(tf.cast(data[LESIONS_KEY]["box"], tf.float32), [-1, 4])
+
+
+def _place_lesions(data: Example, boxes: tf.Tensor, min_visible: float) -> Example:
+    """`data` with its lesions' boxes set to `boxes` (float32 [K, 4], normalised to the
+    new frame, not yet clipped) clipped to [0, 1], and "visible" ANDed with: at least
+    `min_visible` of the unclipped box's area lies in [0, 1]^2 and the clipped box is
+    not empty."""
+    lesions = data[LESIONS_KEY]
+    clipped = tf.clip_by_value(boxes, 0.0, 1.0)
+    y0, x0, y1, x1 = tf.unstack(boxes, 4, axis=1)
+    in_y0, in_x0, in_y1, in_x1 = tf.unstack(clipped, 4, axis=1)
+    area = (y1 - y0) * (x1 - x0)  # [K]
+    area_inside = (in_y1 - in_y0) * (in_x1 - in_x0)
+    visible = (in_y1 > in_y0) & (in_x1 > in_x0) & (area_inside >= min_visible * area)
+    if "visible" in lesions:
+        visible = visible & lesions["visible"]
+    return {**data, LESIONS_KEY: {**lesions, "box": clipped, "visible": visible}}
+
+
+def _boxes_in_window(
+    boxes: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    top: tf.Tensor,
+    left: tf.Tensor,
+    window_h: tf.Tensor,
+    window_w: tf.Tensor,
+) -> tf.Tensor:
+    """Boxes normalised to a height x width frame -> normalised to its window of
+    window_h x window_w pixels at (top, left): y' = (y * height - top) / window_h."""
+    frame = tf.cast(tf.stack([height, width, height, width]), tf.float32)
+    origin = tf.cast(tf.stack([top, left, top, left]), tf.float32)
+    window = tf.cast(tf.stack([window_h, window_w, window_h, window_w]), tf.float32)
+    return (boxes * frame - origin) / window
+
+
+def _boxes_through_affine(
+    boxes: tf.Tensor, inverse_map: tuple[tf.Tensor, ...], height: tf.Tensor, width: tf.Tensor
+) -> tf.Tensor:
+    """The axis-aligned bounds of boxes (normalised to a height x width frame) carried
+    into a frame of the same size by the forward map of an affine warp.
+
+    `inverse_map` (a0, a1, a2, b0, b1, b2) is the warp's output -> input map as
+    ImageProjectiveTransform takes it: x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2
+    in pixel-index coordinates, where pixel centres are integers, i.e. continuous
+    coordinate - 0.5.
+    """
+    a0, a1, a2, b0, b1, b2 = inverse_map
+    size_y, size_x = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    y0, x0, y1, x1 = tf.unstack(boxes, 4, axis=1)
+    corner_x = tf.stack([x0, x1, x0, x1], axis=1) * size_x - 0.5  # [K, 4] pixel index
+    corner_y = tf.stack([y0, y0, y1, y1], axis=1) * size_y - 0.5
+    dx, dy = corner_x - a2, corner_y - b2
+    det = a0 * b1 - a1 * b0
+    out_x = ((b1 * dx - a1 * dy) / det + 0.5) / size_x  # [K, 4] normalised, continuous
+    out_y = ((a0 * dy - b0 * dx) / det + 0.5) / size_y
+    return tf.stack(
+        [
+            tf.reduce_min(out_y, axis=1),
+            tf.reduce_min(out_x, axis=1),
+            tf.reduce_max(out_y, axis=1),
+            tf.reduce_max(out_x, axis=1),
+        ],
+        axis=1,
+    )
 
 
 @register("random_resized_crop")
@@ -297,13 +423,19 @@ def random_resized_crop(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     *,
     antialias: bool = False,
+    min_visible: float = MIN_VISIBLE,
     key: str = "video",
 ) -> Op:
     """Crops one random box (area fraction in `scale`, aspect w/h in `ratio`) from every
     frame of the clip and resizes it to `size` (bilinear; `antialias` matters only when
-    shrinking by well over 1.5x); the box is clipped to the frame. Output float32."""
+    shrinking by well over 1.5x); the box is clipped to the frame. Output float32.
+
+    Lesion boxes go to the crop window (top, left, crop_h, crop_w in input pixels):
+    y' = (y * H - top) / crop_h, x' = (x * W - left) / crop_w; the resize keeps
+    normalised coordinates. Then clipped, "visible" as for every spatial op."""
     op = "random_resized_crop"
     out_size = _size_pair(size, op)
+    _check_range("min_visible", min_visible, 0.0, 1.0, op)
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"{op}: scale must satisfy 0 < low <= high <= 1, got {scale!r}")
     if not 0 < ratio[0] <= ratio[1]:
@@ -320,23 +452,38 @@ def random_resized_crop(
         top = _randint(seed, 2, height - crop_h + 1)
         left = _randint(seed, 3, width - crop_w + 1)
         crop = video[:, top : top + crop_h, left : left + crop_w]  # [T, h, w, C]
-        return {**data, key: _resize(crop, out_size, antialias)}
+        out = {**data, key: _resize(crop, out_size, antialias)}
+        if LESIONS_KEY in data:
+            boxes = _boxes_in_window(_lesion_boxes(data), height, width, top, left, crop_h, crop_w)
+            out = _place_lesions(out, boxes, min_visible)
+        return out
 
     return apply
 
 
 @register("scale_rotate_jitter")
 def scale_rotate_jitter(
-    max_scale: float = 0.1, max_degrees: float = 10.0, *, key: str = "video"
+    max_scale: float = 0.1,
+    max_degrees: float = 10.0,
+    *,
+    min_visible: float = MIN_VISIBLE,
+    key: str = "video",
 ) -> Op:
     """Zooms by a factor in [1 - max_scale, 1 + max_scale] and rotates by an angle in
     [-max_degrees, max_degrees] about the frame centre, the same for every frame;
     bilinear, borders filled by reflection. Output float32. Costly on CPU: TF's
     projective warp about doubles the CPU time per 16x224x224 clip of the whole
-    training pipeline (benchmarks/input_pipeline.py measures both)."""
+    training pipeline (benchmarks/input_pipeline.py measures both).
+
+    Lesion boxes: the 4 corners go through the forward map (input -> output, the
+    inverse of the warp's output -> input map) and the box becomes their axis-aligned
+    bound, so a rotated box is enclosed, a little larger than the lesion. Then
+    clipped, "visible" as for every spatial op; the reflected borders count as
+    outside the frame."""
     op = "scale_rotate_jitter"
     _check_range("max_scale", max_scale, 0.0, 0.5, op)
     _check_range("max_degrees", max_degrees, 0.0, 45.0, op)
+    _check_range("min_visible", min_visible, 0.0, 1.0, op)
 
     def apply(data: Example) -> Example:
         video = tf.cast(_get(data, key, op), tf.float32)  # [T, H, W, C]
@@ -361,16 +508,29 @@ def scale_rotate_jitter(
             fill_mode="REFLECT",
         )
         warped.set_shape(video.shape)
-        return {**data, key: warped}
+        out = {**data, key: warped}
+        if LESIONS_KEY in data:
+            boxes = _boxes_through_affine(
+                _lesion_boxes(data), (a0, a1, a2, b0, b1, b2), height, width
+            )
+            out = _place_lesions(out, boxes, min_visible)
+        return out
 
     return apply
 
 
 @register("central_crop")
-def central_crop(size: int | tuple[int, int], *, key: str = "video") -> Op:
-    """Crops the centre `size` of every frame; the frame must be at least that large."""
+def central_crop(
+    size: int | tuple[int, int], *, min_visible: float = MIN_VISIBLE, key: str = "video"
+) -> Op:
+    """Crops the centre `size` of every frame; the frame must be at least that large.
+
+    Lesion boxes go to the window (top, left) = ((H - h) // 2, (W - w) // 2):
+    y' = (y * H - top) / h, x' = (x * W - left) / w; then clipped, "visible" as for
+    every spatial op."""
     op = "central_crop"
     crop_h, crop_w = _size_pair(size, op)
+    _check_range("min_visible", min_visible, 0.0, 1.0, op)
 
     def apply(data: Example) -> Example:
         video = _get(data, key, op)  # [T, H, W, C]
@@ -384,18 +544,29 @@ def central_crop(size: int | tuple[int, int], *, key: str = "video") -> Op:
             top, left = (height - crop_h) // 2, (width - crop_w) // 2
         crop = video[:, top : top + crop_h, left : left + crop_w]
         crop.set_shape([video.shape[0], crop_h, crop_w, video.shape[3]])
-        return {**data, key: crop}
+        out = {**data, key: crop}
+        if LESIONS_KEY in data:
+            boxes = _boxes_in_window(_lesion_boxes(data), height, width, top, left, crop_h, crop_w)
+            out = _place_lesions(out, boxes, min_visible)
+        return out
 
     return apply
 
 
 @register("resize")
 def resize(size: int | tuple[int, int], *, antialias: bool = False, key: str = "video") -> Op:
-    """Resizes every frame to `size` (bilinear; `antialias` for large shrinks); float32."""
+    """Resizes every frame to `size` (bilinear; `antialias` for large shrinks); float32.
+
+    Lesion boxes keep their normalised coordinates (the resize maps continuous
+    coordinates linearly, frame edge to frame edge); they are clipped to [0, 1] and
+    "visible" is checked as for every spatial op, with ``MIN_VISIBLE``."""
     out_size = _size_pair(size, "resize")
 
     def apply(data: Example) -> Example:
-        return {**data, key: _resize(_get(data, key, "resize"), out_size, antialias)}
+        out = {**data, key: _resize(_get(data, key, "resize"), out_size, antialias)}
+        if LESIONS_KEY in data:
+            out = _place_lesions(out, _lesion_boxes(data), MIN_VISIBLE)
+        return out
 
     return apply
 
@@ -403,14 +574,23 @@ def resize(size: int | tuple[int, int], *, antialias: bool = False, key: str = "
 @register("flip_left_right")
 def flip_left_right(prob: float = 0.5, *, key: str = "video") -> Op:
     """Mirrors the whole clip left-right with probability `prob`. Opt-in only: it swaps the
-    patient's left and right, which angiographic views do not do."""
+    patient's left and right, which angiographic views do not do.
+
+    Lesion boxes of a mirrored clip become x0' = 1 - x1, x1' = 1 - x0; they are
+    clipped and "visible" is checked as for every spatial op, with ``MIN_VISIBLE``."""
     op = "flip_left_right"
     _check_range("prob", prob, 0.0, 1.0, op)
 
     def apply(data: Example) -> Example:
         video = _get(data, key, op)  # [T, H, W, C]
         flip = _uniform(_seed(data, op), 0, 0.0, 1.0) < prob
-        return {**data, key: tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)}
+        out = {**data, key: tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)}
+        if LESIONS_KEY in data:
+            boxes = _lesion_boxes(data)
+            y0, x0, y1, x1 = tf.unstack(boxes, 4, axis=1)
+            mirrored = tf.stack([y0, 1.0 - x1, y1, 1.0 - x0], axis=1)
+            out = _place_lesions(out, tf.where(flip, mirrored, boxes), MIN_VISIBLE)
+        return out
 
     return apply
 
