@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -341,10 +342,11 @@ class Evaluator(common.Evaluator):
         views = [tuple(str(facts[f"label/{c}"][i]) for c in columns)
                  for i in range(len(out["row"]))]
         prior = self.prior(columns)
-        try:
-            metrics, lines = score(out, views, prior, self.tok)
-        except ValueError as e:
-            raise ValueError(f"{self.where} on split {self.split!r}: {e}") from e
+        if not out["lesion_valid"].any():
+            logging.warning("%s: no video of split %r shows an annotated lesion: nothing to "
+                            "score", self.where, self.split)
+            return {"num_lesions": 0.0}
+        metrics, lines = score(out, views, prior, self.tok)
         if self.spec.is_main_process:
             self._write_csv(step, lines)
         return metrics

@@ -82,7 +82,8 @@ def locca_task(
     'cap' is the report; 'aref' the box of one lesion the clip shows, from its phrase;
     'gcap' the box then the phrase (``deepcoro_jax.domain.locations``). The lesion is
     drawn uniformly among those the clip shows (``locations.clip_lesions``); an
-    example that shows none (or has no boxes) is captioned. Outputs ``<outkey>_in``,
+    example that shows none (or has no boxes), or whose task sequence would not fit
+    in `max_len` with its EOS, is captioned. Outputs ``<outkey>_in``,
     ``<outkey>_out`` int32 [max_len], ``<outkey>_mask`` bool [max_len] (the target and
     EOS: not the task prefix, not the pads) and `task_key` int32, the index of the task
     done in ``locations.TASKS``. Random: needs the example's seed (training).
@@ -104,7 +105,11 @@ def locca_task(
         lesion = found[min(int(u_lesion * len(found)), len(found) - 1)] if found else None
         if lesion is None:
             task = "cap"
-        prefix, target = locations.task_tokens(task, vocab, tok, ops._text(report), lesion)
+        report = ops._text(report)
+        prefix, target = locations.task_tokens(task, vocab, tok, report, lesion)
+        if task != "cap" and len(prefix) + len(target) + 1 > max_len:  # a cut box is no box
+            task = "cap"
+            prefix, target = locations.task_tokens(task, vocab, tok, report, None)
         inp, out, mask = locations.teacher_forcing(
             prefix, target, max_len, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
         return inp, out, mask, np.int32(locations.TASKS.index(task))

@@ -26,7 +26,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from configs import multitask as multitask_config
-from deepcoro_jax.domain import tokenizers
 from deepcoro_jax.models import multitask
 from deepcoro_jax.training import run, sharding
 from evaluators import common
@@ -43,7 +42,10 @@ def micro_config() -> ml_collections.ConfigDict:
     # seconds per run here, and 8 studies' clips are fewer than that.
     config.input.shuffle_buffer = 16
     config.input.text_max_len = 32
-    config.input.caption_max_len = 32
+    # Room for the location tasks: a lesion phrase takes up to 35 ids of this tiny set's
+    # tokenizer, and a referring expression is <aref>, the phrase and a box.
+    config.input.caption_max_len = 48
+    config.model.location_bins = 16
     config.input.video_pp = (
         "decode_sample_frames(4, stride=2, train=True)|random_resized_crop(32, scale=(0.7, 1.0))"
         "|value_range(-1, 1)"
@@ -111,7 +113,7 @@ def make_context(
     from input_pipeline import dataset_format
 
     spec = dataset_format.tokenizer_spec(data_dir)
-    tok = tokenizers.get_tokenizer(spec)
+    tok = run.caption_tokenizer(config, spec)
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]).reshape(num_devices, 1), ("data", "fsdp"))
     model = run.build_model(config, tok.vocab_size, tok.pad_id)
     eval_spec = run.eval_spec(

@@ -84,7 +84,9 @@ def test_evaluators_the_data_cannot_serve_are_left_out(synthetic_data, tmp_path,
     ctx = make_context(config, data_dir, str(tmp_path / "work"), 8)
     with caplog.at_level(logging.WARNING):
         built = common.build_evaluators(config.evals, ctx.predict_fns, ctx.spec)
-    assert sorted(s.name for s in built) == ["val_captioning", "val_mvm", "val_retrieval"]
+    assert sorted(s.name for s in built) == [
+        "val_captioning", "val_grounding", "val_mvm", "val_retrieval"
+    ]
     assert _warnings(caplog) == [
         f"config.evals.val_probe left out: {data_dir} carries none of the label columns "
         f"{list(config.evals.val_probe.labels)} (numeric label columns: [])"
@@ -109,7 +111,7 @@ def test_evaluators_get_predict_functions_and_a_spec_not_the_model(synthetic_dat
     ctx = make_context(config, synthetic_data, str(tmp_path / "work"), 8)
     built = common.build_evaluators(config.evals, ctx.predict_fns, ctx.spec)
     assert sorted(e.name for e in built) == [
-        "val_captioning", "val_mvm", "val_probe", "val_retrieval"
+        "val_captioning", "val_grounding", "val_mvm", "val_probe", "val_retrieval"
     ]
     spec_fields = [field.name for field in dataclasses.fields(common.EvalSpec)]
     assert not hasattr(ctx.spec, "model") and not hasattr(ctx.spec, "config")
@@ -167,7 +169,7 @@ def test_a_new_evaluator_type_is_one_file_and_its_registration(
     assert results["norms/mean_norm"] == pytest.approx(2.0, rel=1e-5)  # normalised embeddings
 
     unknown = {"x": dict(type="embedding_norms", log_steps=1)}
-    registered = ["captioning", "embedding_norm", "linear_probe", "mvm", "retrieval"]
+    registered = ["captioning", "embedding_norm", "grounding", "linear_probe", "mvm", "retrieval"]
     with pytest.raises(ValueError) as error:
         common.build_evaluators(unknown, ctx.predict_fns, ctx.spec)
     assert str(error.value) == f"config.evals.x.type='embedding_norms': choose one of {registered}"

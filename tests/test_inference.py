@@ -70,7 +70,7 @@ def _tensors(example: dict) -> dict:
     """A NumPy example of ``read_split`` as the TF tensors the pp ops take."""
     import tensorflow as tf
 
-    return {k: tf.constant(v) for k, v in example.items() if k != "labels"}
+    return {k: tf.constant(v) for k, v in example.items() if k not in ("labels", "lesions")}
 
 
 # ------------------------------------------------------------------------------ load_run
