@@ -156,7 +156,7 @@ def infer_output(tiny_run, synthetic_data, split_examples, tmp_path_factory):
     good = [_source_file(synthetic_data, e) for e in split_examples[:2]]
     files = [good[0], str(corrupt), str(folder / "missing.avi"), good[1]]
     flags = ["--workdir", tiny_run[0], "--json", "--top_k", "3"]
-    flags += ["--attention", str(folder / "attention")]
+    flags += ["--attention", str(folder / "attention"), "--ground"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = infer.main(flags + files)
@@ -193,6 +193,14 @@ def test_infer_results_are_the_models(run, infer_output, split_examples):
         # The generated report is the greedy decode of the dataset's clip.
         clip = _dataset_clip(run, example)
         assert record["report"] == inference.generate_reports(run, clip[None]).texts[0]
+        # --ground: each lesion of the report, where ground_lesions puts it on the clip.
+        named = infer.report_lesions(record["report"])
+        assert [(g["segment"], g["percent"]) for g in record["grounding"]] == named
+        (grounded,) = inference.ground_lesions(run, clip[None], [named])
+        for entry, lesion in zip(record["grounding"], grounded, strict=True):
+            assert entry["frame"] == lesion.frame
+            expected = None if lesion.box is None else np.round(lesion.box, 4).tolist()
+            assert entry["box"] == expected
         # Top-k: the bank's best cosine similarities, in order.
         similarities = bank_emb @ video_emb
         best = np.argsort(-similarities, kind="stable")[:3]
