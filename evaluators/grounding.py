@@ -14,7 +14,9 @@ eval clip (``config.input.eval_video_pp``) and the lesion boxes moved with it:
     the segment's mean over all views where the train split lacks that view), what a
     model that knows anatomy but looks at no pixel would draw;
   - ``chance_*``: a training lesion's box drawn at random (the expected accuracy over
-    every box of the train split).
+    every box of the train split);
+  - ``oracle_*``: the ceiling, every box exactly right but written in the location
+    bins (small boxes lose IoU to the quantisation).
 - GCAP (grounded captioning): once per video, after "<gcap>", a box then a phrase. It
   is right when some lesion the clip shows has the phrase's segment and severity class
   (``reports.severity_class``) and its box at IoU >= 0.5; ``gcap_phrase_accuracy``
@@ -156,6 +158,10 @@ def score(out: Mapping[str, np.ndarray], views: Sequence[tuple], prior: BoxPrior
     metrics.update(box_scores(predicted, target, "aref_"))
     metrics.update(box_scores(prior_boxes, target, "prior_aref_"))
     metrics["chance_aref_accuracy@0.5"] = chance_accuracy(prior.boxes, target)
+    # The ceiling: every box exactly right, then written in the location bins.
+    quantised = locations.tokens_to_box(
+        locations.box_to_tokens(np.clip(target, 0, 1), vocab.num_bins), vocab.num_bins)
+    metrics.update(box_scores(quantised, target, "oracle_aref_"))
     groups = np.array([GROUP_OF[s] for s in segments])
     for group in GROUPS:
         chosen = groups == group
@@ -241,6 +247,7 @@ class Evaluator(common.Evaluator):
     PREDICT = ("encode_video", "ground")
     HEADLINE = (
         "aref_accuracy@0.5",
+        "oracle_aref_accuracy@0.5",
         "prior_aref_accuracy@0.5",
         "chance_aref_accuracy@0.5",
         "aref_mean_iou",

@@ -134,3 +134,22 @@ def test_priors_and_chance_against_counting():
     target = target[:, [0, 1, 2, 3]]
     expected = np.mean([[numpy_iou(t, b) >= 0.5 for b in boxes] for t in target])
     assert grounding.chance_accuracy(boxes, target) == pytest.approx(expected)
+
+
+def test_the_oracle_is_the_targets_written_in_the_bins(tok):
+    """The ceiling: for boxes smaller than two bins, quantising alone costs IoU."""
+    out = targets(4)
+    metrics, _ = grounding.score(predictions(tok, out), [("left",)] * VIDEOS, prior_for(out), tok)
+    # A perfect predictor writes the same bins: it scores the oracle exactly.
+    assert metrics["aref_mean_iou"] == pytest.approx(metrics["oracle_aref_mean_iou"])
+    tiny = targets(5)
+    tiny["lesion_box"][..., 2:] = tiny["lesion_box"][..., :2] + 1.2 / BINS  # 1.2 bins wide
+    metrics, _ = grounding.score(predictions(tok, tiny), [("left",)] * VIDEOS, prior_for(tiny),
+                                 tok)
+    expected = []
+    for v, m in zip(*np.nonzero(tiny["lesion_valid"]), strict=True):
+        box = tiny["lesion_box"][v, m]
+        centres = (np.minimum(np.floor(box * BINS), BINS - 1) + 0.5) / BINS
+        expected.append(numpy_iou(centres, box) >= 0.5)
+    assert metrics["oracle_aref_accuracy@0.5"] == pytest.approx(np.mean(expected))
+    assert metrics["oracle_aref_accuracy@0.5"] < 1.0
