@@ -140,7 +140,7 @@ def _infer_on_a_file(user) -> subprocess.CompletedProcess:
     shutil.copy(_source_video(user), video)
     return _shell(
         user,
-        ".venv/bin/python -m deepcoro_jax.tools.infer --workdir runs/demo --attention "
+        ".venv/bin/python -m deepcoro_jax.tools.infer --workdir runs/demo --ground --attention "
         "runs/demo/attention path/to/video.mp4",
     )
 
@@ -201,6 +201,7 @@ def after_demo(user, demo):
 def test_infer_on_a_file_as_the_readme_writes_it(user, after_demo):
     result = after_demo["infer"].result()
     assert "path/to/video.mp4" in result.stdout and "checkpoint 4" in result.stdout
+    assert "  where: " in result.stdout  # --ground: a box per lesion, or none to locate
     # A 4-step model may write an empty report (its first token EOS): then the maps are
     # skipped and the output says so (test_inference.py draws them from a trained run).
     if "attention maps: none (the generated report is empty)" not in result.stdout:
