@@ -372,7 +372,7 @@ def caption_tokenizer(config: ml_collections.ConfigDict, spec: str) -> tokenizer
     """The caption decoder's tokenizer: `spec`'s, with LocCa's location ids appended when
     ``config.model.location_bins`` is set (``locations.LocationTokenizer``)."""
     tok = tokenizers.get_tokenizer(spec)
-    bins = config.model.location_bins
+    bins = config.model.get("location_bins", 0)  # runs written before it had none
     if not bins:
         return tok
     if not (isinstance(bins, int) and bins >= 2):
@@ -966,5 +966,5 @@ def eval_spec(
         max_decode_len=model.caption_decoder.max_len,
         patch_size=tuple(model.encoder.patch_size),
         normalize_mvm_target=model.normalize_mvm_target,
-        location_bins=config.model.location_bins,
+        location_bins=config.model.get("location_bins", 0),
     )
