@@ -4,7 +4,9 @@ Both read an example's lesion boxes after the clip's augmentation (``lesions``: 
 segment, severity, and ``clip_frame`` / ``visible`` from ``decode_sample_frames`` and
 the spatial ops; see ``ops.py``) and use the caption tokenizer with the location ids
 appended (``deepcoro_jax.domain.locations``: vocabulary, task sequences, the one box
-per lesion a clip shows). Registered in ``ops.OPS`` like every op.
+per lesion a clip shows). Registered in ``ops.OPS`` like every op, once this module is
+imported (``pipeline.py`` imports it; so do code and tests that build a pp with these
+ops through ``ops.get_preprocess_fn`` directly).
 
 Not here: moving boxes with the pixels (``ops.py``), the location vocabulary and the
 task sequences themselves (``deepcoro_jax/domain/locations.py``).

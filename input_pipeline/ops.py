@@ -145,8 +145,6 @@ def get_preprocess_fn(pp: str, **context) -> Callable[[Example], Example]:
     ``data_dir``) that the string does not set. Unknown op names, malformed
     calls and bad arguments raise ValueError naming the op.
     """
-    from input_pipeline import location_ops  # noqa: F401 (registers the location tasks' ops)
-
     texts = _split_ops(pp)
     if any(not t for t in texts):
         raise ValueError(f"pp string {pp!r} has an empty op (a stray '|'?)")

@@ -27,7 +27,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from input_pipeline import dataset_format, ops
+from input_pipeline import (
+    dataset_format,
+    location_ops,  # noqa: F401 (registers the location tasks' ops)
+    ops,
+)
 
 # TensorFlow only reads and augments on the host; keep it off the accelerators JAX uses.
 try:

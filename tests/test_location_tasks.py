@@ -43,7 +43,7 @@ def _floor_bins(box):
 def task_examples(synthetic_data):
     """For train examples that show lesions and 12 seeds each: the clip's lesions after the
     augmentation, and the locca_task outputs drawn with the same seed."""
-    from input_pipeline import dataset_format, ops
+    from input_pipeline import dataset_format, location_ops, ops  # noqa: F401 (its ops)
 
     spec = dataset_format.tokenizer_spec(synthetic_data)
     lesions_pp = ops.get_preprocess_fn(TRAIN_PP)
