@@ -351,7 +351,9 @@ def caption_loss(
     logits [B, L, V], targets [B, L] int, mask [B, L] (1 real, 0 padding). The smoothed target
     is (1 - eps) * one_hot + eps / V. loss = sum over real tokens / number of real tokens; a
     trainer accumulating micro-batches adds aux['loss_sum'] and aux['num_tokens'] instead.
-    aux also holds nll (unsmoothed, for perplexity), num_correct and token_accuracy.
+    aux also holds nll (unsmoothed, for perplexity), num_correct, token_accuracy, and per
+    example the loss summed over its real tokens (example_loss_sum [B]) and their number
+    (example_tokens [B]).
     """
     if logits.ndim != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
         raise ValueError(
@@ -375,6 +377,8 @@ def caption_loss(
         "nll": jnp.sum(nll * weights) / denominator,
         "num_correct": num_correct,
         "token_accuracy": num_correct / denominator,
+        "example_loss_sum": jnp.sum(token_losses * weights, axis=1),
+        "example_tokens": jnp.sum(weights, axis=1),
     }
     return loss_sum / denominator, aux
 

@@ -196,3 +196,22 @@ def test_ground_lesions_is_the_restricted_argmax_after_the_phrase(micro_run, syn
         assert lesion.frame == frame
         np.testing.assert_allclose(lesion.box, (bins + 0.5) / run.config.model.location_bins)
     assert reports.SEGMENT_NAMES[grounded[0].segment] == "proximal LAD"
+
+
+def test_the_caption_term_splits_into_its_tasks(micro_run):
+    """The shared micro run draws the recipe's tasks: each step logs the caption loss per
+    task, and their token-weighted mean is the caption term."""
+    import json
+
+    records = [json.loads(line) for line in (micro_run[0] / "metrics.jsonl").read_text().split(
+        "\n") if line.strip()]
+    steps = [r for r in records if "loss/caption" in r]
+    assert steps
+    for record in steps:
+        tokens = {t: record[f"caption_task/{t}_tokens"] for t in locations.TASKS}
+        assert sum(tokens.values()) > 0
+        mean = sum(record[f"caption_task/{t}"] * n for t, n in tokens.items() if n) / sum(
+            tokens.values())
+        assert mean == pytest.approx(record["loss/caption"], rel=1e-5)
+        for task, n in tokens.items():
+            assert (n == 0) == np.isnan(record[f"caption_task/{task}"])

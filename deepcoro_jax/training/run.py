@@ -667,7 +667,7 @@ def make_train_step(
             kl_sum = distill_aux["kl"] * distill_aux["num_examples"]
             terms["distill"] = distill_temperature**2 * kl_sum / counts["caption"]
         weighted = {n: optim.loss_weight(weights[n], step) * v for n, v in terms.items()}
-        return sum(weighted.values()), (terms, weighted)
+        return sum(weighted.values()), (terms, weighted, _task_sums(batch, caption_aux))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     term_names = loss_term_names(config)
@@ -709,7 +709,7 @@ def make_train_step(
             return (value, d_temperature, d_bias), per_micro
 
         def micro_grads(micro_batch, index, cache=None):
-            (_, (terms, weighted)), grads = grad_fn(
+            (_, (terms, weighted, task_sums)), grads = grad_fn(
                 state.params,
                 state.ema_params,
                 micro_batch,
@@ -718,13 +718,13 @@ def make_train_step(
                 state.step,
                 cache,
             )
-            return grads, terms, weighted
+            return grads, terms, weighted, task_sums
 
         if k == 1:
             # No loop around a single micro-batch: XLA optimises a loop body less (on
             # CPU the convolutions' gradients stay in slow layouts there; measured in
             # docs/training.md).
-            grads, terms, weighted = micro_grads(batch, 0)
+            grads, terms, weighted, task_sums = micro_grads(batch, 0)
         else:
 
             def split(x):
@@ -748,8 +748,10 @@ def make_train_step(
                 return jax.tree.map(jnp.add, carry, micro_grads(micro_batch, index, cache)), None
 
             zero_terms = {n: jnp.zeros((), jnp.float32) for n in term_names}
-            init = (jax.tree.map(jnp.zeros_like, state.params), zero_terms, dict(zero_terms))
-            (grads, terms, weighted), _ = jax.lax.scan(
+            zero_sums = {n: jnp.zeros((), jnp.float32) for n in _task_sum_names(batch)}
+            init = (jax.tree.map(jnp.zeros_like, state.params), zero_terms, dict(zero_terms),
+                    zero_sums)
+            (grads, terms, weighted, task_sums), _ = jax.lax.scan(
                 accumulate, init, (micro_batches, indices, embedding_grads)
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -769,6 +771,7 @@ def make_train_step(
             "temperature": jnp.exp(params["log_temperature"]),
             "bias": params["bias"],
             **{f"lr/{n}": fn(state.step) for n, fn in schedules.items()},
+            **_task_metrics(task_sums),
         }
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
@@ -776,6 +779,40 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _task_sum_names(batch: Mapping[str, Any]) -> list[str]:
+    """The per-task caption sums a batch drawn with LocCa's tasks gives (none without)."""
+    if "locca_task" not in batch:
+        return []
+    return [f"{task}/{kind}" for task in locations.TASKS for kind in ("loss_sum", "tokens")]
+
+
+def _task_sums(batch: Mapping[str, jax.Array], caption_aux: Mapping[str, jax.Array]):
+    """Per LocCa task: the caption loss summed over its examples' target tokens, and their
+    number (empty for a batch without 'locca_task')."""
+    sums = {}
+    if "locca_task" in batch:
+        for index, task in enumerate(locations.TASKS):
+            chosen = batch["locca_task"] == index  # [B]
+            for kind, per_example in (("loss_sum", caption_aux["example_loss_sum"]),
+                                      ("tokens", caption_aux["example_tokens"])):
+                sums[f"{task}/{kind}"] = jnp.sum(jnp.where(chosen, per_example, 0.0))
+    return sums
+
+
+def _task_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``caption_task/<task>``: the caption loss (as the caption term: label-smoothed) per
+    target token of that task's examples, NaN when the batch drew none; and
+    ``caption_task/<task>_tokens``, how many target tokens that was."""
+    metrics = {}
+    for task in locations.TASKS:
+        if f"{task}/tokens" in sums:
+            tokens = sums[f"{task}/tokens"]
+            metrics[f"caption_task/{task}"] = jnp.where(
+                tokens > 0, sums[f"{task}/loss_sum"] / jnp.maximum(tokens, 1.0), jnp.nan)
+            metrics[f"caption_task/{task}_tokens"] = tokens
+    return metrics
 
 
 def loss_term_names(config: ml_collections.ConfigDict) -> list[str]:

@@ -290,11 +290,12 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
     tasks = run.location_tasks(config)
     if set(tasks) == {"cap"}:
         caption_pp = f"tokenize_caption({config.input.caption_max_len}, tokenizer='{caption_spec}')"
-    else:  # LocCa's tasks, one drawn per example
+    else:  # LocCa's tasks, one drawn per example (which one: logged per task)
         caption_pp = (
             f"locca_task({config.input.caption_max_len}, tasks={tasks!r}, "
             f"num_bins={config.model.location_bins}, tokenizer='{caption_spec}')"
         )
+        keys.append("locca_task")
     pp = (
         f"{config.input.video_pp}|tokenize({config.input.text_max_len}, tokenizer='{text_spec}')"
         f"|{caption_pp}"
