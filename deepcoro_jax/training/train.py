@@ -288,7 +288,12 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
     keys = ["video", "text_ids", "text_mask", "caption_in", "caption_out", "caption_mask"]
     findings = run.positive_ids_key(config) == "findings_id"  # contrastive positives by findings
     tasks = run.location_tasks(config)
-    if set(tasks) == {"cap"}:
+    studies = config.input.study_videos is not None
+    if studies and set(tasks) != {"cap"}:
+        logging.warning(
+            "config.loss.locca_tasks: study examples carry no lesion boxes (the location "
+            "tasks are per video): every study is captioned")
+    if studies or set(tasks) == {"cap"}:
         caption_pp = f"tokenize_caption({config.input.caption_max_len}, tokenizer='{caption_spec}')"
     else:  # LocCa's tasks, one drawn per example (which one: logged per task)
         caption_pp = (
@@ -302,7 +307,6 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
         + ("|findings_id()" if findings else "")
         + f"|keep({', '.join(repr(k) for k in keys + ['findings_id'] * findings)})"
     )
-    studies = config.input.study_videos is not None
     train_ds = pipeline.make_train_dataset(
         data_dir,
         config.input.split,
