@@ -100,9 +100,7 @@ class EvalSpec:
     def caption_tokenizer(self) -> tokenizers.Tokenizer:
         """The caption decoder's: with the location ids when the model has them."""
         tok = tokenizers.get_tokenizer(self.caption_tokenizer_spec)
-        if not self.location_bins:
-            return tok
-        return locations.LocationTokenizer(tok, self.location_bins, self.clip_shape[0])
+        return locations.with_locations(tok, self.location_bins, self.clip_shape[0])
 
     @property
     def is_main_process(self) -> bool:

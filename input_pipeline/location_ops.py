@@ -23,8 +23,6 @@ import tensorflow as tf
 from deepcoro_jax.domain import locations, reports
 from input_pipeline import ops
 
-LESIONS_KEY = ops.LESIONS_KEY
-
 
 def _clip_frames(data: ops.Example, video_key: str, op: str) -> int:
     frames = ops._get(data, video_key, op).shape[0]
@@ -37,10 +35,10 @@ def _clip_frames(data: ops.Example, video_key: str, op: str) -> int:
 def _lesion_tensors(data: ops.Example, op: str) -> list[tf.Tensor]:
     """segment, severity, clip_frame, box, visible of the example's lesions (empty when it
     has none)."""
-    if LESIONS_KEY not in data:
+    if ops.LESIONS_KEY not in data:
         return [tf.zeros([0], tf.string), tf.zeros([0], tf.float32), tf.zeros([0], tf.int32),
                 tf.zeros([0, 4], tf.float32), tf.zeros([0], tf.bool)]
-    lesions = data[LESIONS_KEY]
+    lesions = data[ops.LESIONS_KEY]
     missing = [k for k in ("clip_frame", "visible") if k not in lesions]
     if missing:
         raise ValueError(f"{op}: the lesions lack {missing}: put decode_sample_frames before it")
@@ -56,12 +54,12 @@ def _found(segments, severities, clip_frames, boxes, visible, num_frames):
 
 
 def _check_weights(tasks: Mapping[str, float], op: str) -> np.ndarray:
-    unknown = sorted(set(tasks) - set(locations.TASKS))
-    if unknown:
-        raise ValueError(f"{op}: unknown tasks {unknown}; known: {locations.TASKS}")
-    weights = np.array([float(tasks.get(t, 0.0)) for t in locations.TASKS])
-    if np.any(weights < 0) or not np.all(np.isfinite(weights)) or weights.sum() <= 0:
-        raise ValueError(f"{op}: task weights must be >= 0 with a positive sum, got {tasks}")
+    """The weights of ``locations.TASKS``, in that order, normalised to sum to 1."""
+    try:
+        used = locations.task_weights(tasks)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from e
+    weights = np.array([used.get(t, 0.0) for t in locations.TASKS])
     return weights / weights.sum()
 
 
@@ -118,7 +116,7 @@ def locca_task(
 
     def apply(data: ops.Example) -> ops.Example:
         num_frames = _clip_frames(data, video_key, op)
-        if LESIONS_KEY not in data and weights[0] < 1 and not warned:
+        if ops.LESIONS_KEY not in data and weights[0] < 1 and not warned:
             warned.append(True)
             logging.warning("%s: the examples carry no lesion boxes (prepare --boxes): every "
                             "example is captioned", op)
@@ -131,7 +129,7 @@ def locca_task(
         for tensor in (inp, out, mask):
             tensor.set_shape([max_len])
         task.set_shape([])
-        data = {k: v for k, v in data.items() if k != LESIONS_KEY}
+        data = {k: v for k, v in data.items() if k != ops.LESIONS_KEY}
         return {**data, f"{outkey}_in": inp, f"{outkey}_out": out, f"{outkey}_mask": mask,
                 task_key: task}
 
@@ -180,7 +178,7 @@ def lesion_targets(
             frame[i] = lesion.frame
             segment[i] = reports.SEGMENTS.index(lesion.segment)
             percent[i] = lesion.percent
-            ids, _ = locations.task_tokens("aref", vocab, tok, "", lesion)
+            ids = locations.referring_prefix(vocab, tok, lesion.segment, lesion.percent)
             if len(ids) > prefix_len:
                 raise ValueError(
                     f"{op}: the phrase {locations.lesion_phrase(lesion.segment, lesion.percent)!r}"
@@ -198,7 +196,7 @@ def lesion_targets(
         names = ("box", "frame", "segment", "percent", "valid", "count", "prefix", "prefix_len")
         shapes = ([max_lesions, 4], [max_lesions], [max_lesions], [max_lesions], [max_lesions],
                   [], [max_lesions, prefix_len], [max_lesions])
-        data = {k: v for k, v in data.items() if k != LESIONS_KEY}
+        data = {k: v for k, v in data.items() if k != ops.LESIONS_KEY}
         for name, tensor, shape in zip(names, outputs, shapes, strict=True):
             tensor.set_shape(shape)
             data[f"{outkey}_{name}"] = tensor

@@ -13,7 +13,7 @@ from evaltools import init_params, make_context, micro_config
 
 from deepcoro_jax.domain import locations, reports, tokenizers
 from deepcoro_jax.models.locca import shift_right
-from evaluators import grounding
+from evaluators import common, grounding
 
 SPLIT = "train"  # the tiny set's largest split: its val split may show no lesion
 TRAIN_PP = (
@@ -149,11 +149,22 @@ def test_grounding_metrics_equal_their_csv_recomputed(evaluated, synthetic_data)
     ious = np.array(ious)
     assert metrics["aref_accuracy@0.5"] == pytest.approx(np.mean(ious >= 0.5), abs=1e-9)
     assert metrics["aref_mean_iou"] == pytest.approx(np.mean(ious), abs=1e-3)
-    # The prior from the stored boxes of the same split (the priors' split here), by view.
-    train = grounding.read_lesions(synthetic_data, SPLIT, ["system", "landmark", "magnification"])
-    for key in ("prior_aref_accuracy@0.5", "chance_aref_accuracy@0.5", "gcap_accuracy"):
-        assert 0.0 <= metrics[key] <= 1.0
-    assert len(train["segment"]) >= len(lines)
+    # The prior, recomputed: the mean stored box of the segment in the video's view over
+    # the prior's split (the train split here too), and its IoU with each target.
+    columns = ["system", "landmark", "magnification"]
+    train = grounding.read_lesions(synthetic_data, SPLIT, columns)
+    table = common.split_table(synthetic_data, SPLIT)
+    prior_ious = []
+    for line in lines:
+        i = int(np.flatnonzero(table["row"] == int(line["row"]))[0])
+        view = tuple(str(table[f"label/{c}"][i]) for c in columns)
+        same = [b for s, v, b in zip(train["segment"], train["view"], train["box"], strict=True)
+                if s == line["segment"] and v == view]
+        prior_ious.append(numpy_iou(np.mean(same, axis=0), box(line)))
+        assert float(line["prior_iou"]) == pytest.approx(prior_ious[-1], abs=2e-3)
+    assert metrics["prior_aref_accuracy@0.5"] == pytest.approx(
+        np.mean(np.array([float(line["prior_iou"]) for line in lines]) >= 0.5), abs=1e-9)
+    assert metrics["prior_aref_mean_iou"] == pytest.approx(np.mean(prior_ious), abs=2e-3)
 
 
 def test_ground_lesions_is_the_restricted_argmax_after_the_phrase(micro_run, synthetic_data):

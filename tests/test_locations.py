@@ -169,3 +169,13 @@ def test_task_sequences_and_loss_masks(tok):
     assert tok.eos_id not in out and mask.sum() == 8
     with pytest.raises(ValueError, match="needs a lesion"):
         locations.task_tokens("aref", vocab, tok, REPORTS[0], None)
+
+
+def test_task_weights_keep_the_used_tasks_and_name_bad_ones():
+    assert locations.task_weights({"cap": 1, "aref": 0, "gcap": 0.5}) == {"cap": 1.0, "gcap": 0.5}
+    for tasks, message in (({"cap": 1, "vqa": 1}, "unknown tasks"),
+                           ({"cap": -1, "aref": 1}, "'cap'"),
+                           ({"cap": float("nan")}, "'cap'"),
+                           ({"cap": 0, "aref": 0}, "at least one")):
+        with pytest.raises(ValueError, match=message):
+            locations.task_weights(tasks)

@@ -184,6 +184,22 @@ class LocationVocab:
         raise ValueError(f"token {token} is not a location id of {self}")
 
 
+def task_weights(tasks) -> dict[str, float]:
+    """{task: weight} checked: known tasks, numbers >= 0, at least one > 0. Returns the
+    tasks with a weight > 0 (as floats, not normalised)."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; known: {TASKS}")
+    for task, weight in tasks.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.number)) or not (
+                np.isfinite(weight) and weight >= 0):
+            raise ValueError(f"task {task!r}: weight {weight!r} must be a finite number >= 0")
+    used = {t: float(w) for t, w in tasks.items() if w > 0}
+    if not used:
+        raise ValueError(f"give at least one task a weight > 0, got {dict(tasks)}")
+    return used
+
+
 class LocationTokenizer:
     """A caption tokenizer with the location ids appended (``LocationVocab``): encodes as
     the base tokenizer; decodes base ids as it does and location ids as their names."""
@@ -216,6 +232,11 @@ class LocationTokenizer:
         if run:
             pieces.append(self.base_tokenizer.decode(run))
         return " ".join(p for p in pieces if p)
+
+
+def with_locations(tokenizer, num_bins: int, num_times: int):
+    """`tokenizer` with the location ids appended, or itself when `num_bins` is 0."""
+    return LocationTokenizer(tokenizer, num_bins, num_times) if num_bins else tokenizer
 
 
 # ----------------------------------------------------------------------------- phrases
@@ -300,11 +321,16 @@ def task_tokens(
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if lesion is None:
         raise ValueError(f"task {task!r} needs a lesion")
-    phrase = tokenizer.encode(lesion_phrase(lesion.segment, lesion.percent))
     box = vocab.box_ids(lesion.frame, np.clip(lesion.box, 0.0, 1.0))
     if task == "aref":
-        return [vocab.task_id(task), *phrase], box
+        return referring_prefix(vocab, tokenizer, lesion.segment, lesion.percent), box
+    phrase = tokenizer.encode(lesion_phrase(lesion.segment, lesion.percent))
     return [vocab.task_id(task)], box + phrase
+
+
+def referring_prefix(vocab: LocationVocab, tokenizer, segment: str, percent: float) -> list[int]:
+    """The ids an AREF query is prompted with: <aref>, then the lesion's phrase."""
+    return [vocab.task_id("aref"), *tokenizer.encode(lesion_phrase(segment, percent))]
 
 
 def teacher_forcing(

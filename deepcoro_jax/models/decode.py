@@ -463,9 +463,9 @@ def prefixed_greedy(
         unrestricted), summed over the tokens before padding.
     """
     batch, prefix_width = prefix.shape
-    num_generated, vocab = step_masks.shape
-    total = prefix_width + num_generated
-    if total > decoder.max_len:
+    num_generated = step_masks.shape[0]
+    steps = prefix_width + num_generated
+    if steps > decoder.max_len:
         raise ValueError(
             f"prefixed_greedy: prefix width {prefix_width} + {num_generated} generated tokens "
             f"exceed the decoder's max_len {decoder.max_len}"
@@ -474,7 +474,7 @@ def prefixed_greedy(
     prefix_len = prefix_len.astype(jnp.int32)
     padded_prefix = jnp.concatenate(
         [prefix, jnp.full((batch, num_generated), pad_id, jnp.int32)], axis=1
-    )  # [B, total]: indexable at any step
+    )  # [B, steps]: indexable at any step
 
     def one_step(step: jax.Array, state: tuple) -> tuple:
         cache, last_tokens, tokens, finished, log_probs = state
@@ -505,6 +505,5 @@ def prefixed_greedy(
         jnp.zeros((batch,), bool),
         jnp.zeros((batch,), jnp.float32),
     )
-    steps = prefix_width + num_generated
     _, _, tokens, _, log_probs = jax.lax.fori_loop(0, steps, one_step, init)
     return DecodeOutput(tokens, log_probs)

@@ -368,7 +368,8 @@ def ground_lesions(
     vocab = tok.vocab
     prompts = max(1, max(len(named) for named in lesions))
     phrases = [[locations.lesion_phrase(s, p) for s, p in named] for named in lesions]
-    encoded = [[[vocab.task_id("aref"), *tok.encode(text)] for text in texts] for texts in phrases]
+    encoded = [[locations.referring_prefix(vocab, tok, s, p) for s, p in named]
+               for named in lesions]
     width = max([len(ids) for row in encoded for ids in row] + [1])
     prefix = np.full((len(videos), prompts, width), tok.pad_id, np.int32)
     prefix_len = np.ones((len(videos), prompts), np.int32)  # unused slots: <aref> alone

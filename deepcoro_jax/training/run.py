@@ -350,17 +350,10 @@ def initial_weights_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def location_tasks(config: ml_collections.ConfigDict) -> dict[str, float]:
     """``config.loss.locca_tasks`` checked: {task: weight} for the tasks with a weight > 0."""
-    tasks = dict(config.loss.locca_tasks)
-    unknown = sorted(set(tasks) - set(locations.TASKS))
-    if unknown:
-        raise ValueError(f"config.loss.locca_tasks: unknown tasks {unknown}; known: "
-                         f"{locations.TASKS}")
-    for task, weight in tasks.items():
-        if not (isinstance(weight, int | float) and weight >= 0):
-            raise ValueError(f"config.loss.locca_tasks.{task}={weight!r}: need a number >= 0")
-    used = {t: float(w) for t, w in tasks.items() if w > 0}
-    if not used:
-        raise ValueError("config.loss.locca_tasks: give at least one task a weight > 0")
+    try:
+        used = locations.task_weights(dict(config.loss.locca_tasks))
+    except ValueError as e:
+        raise ValueError(f"config.loss.locca_tasks: {e}") from e
     if set(used) - {"cap"} and not config.model.location_bins:
         raise ValueError(
             f"config.loss.locca_tasks uses {sorted(set(used) - {'cap'})}, which need "
@@ -373,11 +366,9 @@ def caption_tokenizer(config: ml_collections.ConfigDict, spec: str) -> tokenizer
     ``config.model.location_bins`` is set (``locations.LocationTokenizer``)."""
     tok = tokenizers.get_tokenizer(spec)
     bins = config.model.get("location_bins", 0)  # runs written before it had none
-    if not bins:
-        return tok
-    if not (isinstance(bins, int) and bins >= 2):
+    if bins and not (isinstance(bins, int) and bins >= 2):
         raise ValueError(f"config.model.location_bins={bins!r}: need 0 (none) or an int >= 2")
-    return locations.LocationTokenizer(tok, bins, config.model.num_frames)
+    return locations.with_locations(tok, bins, config.model.num_frames)
 
 
 def build_model(
