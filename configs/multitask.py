@@ -152,12 +152,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.init_bias = -3.0 if arg.runlocal else -10.0
     config.model.dropout = 0.0
     config.model.dtype = "float32"  # 'bfloat16' on accelerators
+    # 'auto': cuDNN's fused attention on NVIDIA GPUs in bfloat16/float16, XLA's elsewhere;
+    # or 'xla' / 'cudnn' (deepcoro_jax/models/common.py, resolve_attention).
+    config.model.attention_impl = "auto"
     # stem='conv' embeds tubelets with a small CNN (vivit.ConvStem; 2**len(stem_features)
     # must equal the patch's ph and pw); docs/training.md says when it is worth its cost
-    # and what it needs with it (pool_type='max', a lower lr).
+    # and what it needs with it (pool_type='max', a lower lr). remat: what each encoder
+    # block keeps for the backward pass, 'none', 'dots_no_batch', 'dots' or 'full'
+    # (vivit.REMAT_POLICIES), in the first remat_blocks blocks (-1: all).
     config.model.encoder_overrides = dict(
         attention_type="joint", pool_type="map", stem="linear", stem_features=(16, 32, 64, 64),
-        remat=False,
+        remat="none", remat_blocks=-1,
     )
     if arg.runlocal:
         config.model.encoder_overrides.update(

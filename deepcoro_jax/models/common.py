@@ -16,21 +16,68 @@ import numpy as np
 Dtype = Any
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_attention(implementation: str, dtype: Dtype, platform: str | None = None) -> str:
+    """The attention kernel a model should use: 'xla' or 'cudnn'.
+
+    'auto' gives 'cudnn' (fused flash attention, which never stores the [Lq, Lk]
+    score matrices) on NVIDIA GPUs with a 16-bit compute dtype, and 'xla'
+    everywhere else (CPU, TPU, float32). 'cudnn' asked for explicitly must have
+    both; 'xla' is always possible. `platform` defaults to JAX's default backend.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r}: choose one of "
+            f"{ATTENTION_IMPLEMENTATIONS}"
+        )
+    platform = platform or jax.default_backend()
+    sixteen_bit = jnp.dtype(dtype) in _CUDNN_DTYPES
+    if implementation == "auto":
+        return "cudnn" if platform == "gpu" and sixteen_bit else "xla"
+    if implementation == "cudnn" and (platform != "gpu" or not sixteen_bit):
+        raise ValueError(
+            f"attention implementation 'cudnn' needs an NVIDIA GPU and a bfloat16 or float16 "
+            f"compute dtype; this is {platform} with {jnp.dtype(dtype).name}. Use 'auto' or 'xla'"
+        )
+    return implementation
+
+
+def cudnn_applies(query: jax.Array, key: jax.Array) -> bool:
+    """Whether cuDNN's fused kernel takes these [B, L, heads, head_dim] inputs: 16-bit,
+    a head_dim that is a multiple of 8 up to 128, and more than one query (single-query
+    attention, as in MAP pooling and incremental decoding, gains nothing from it)."""
+    head_dim = query.shape[-1]
+    return (
+        query.dtype in _CUDNN_DTYPES
+        and key.dtype == query.dtype
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and query.shape[1] > 1
+    )
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
     mask: jax.Array | None = None,
     is_causal: bool = False,
+    implementation: str = "xla",
+    key_lengths: jax.Array | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention on [B, L, heads, head_dim] inputs.
 
-    A thin wrapper around ``jax.nn.dot_product_attention`` with its default
-    implementation, which is the XLA kernel on every backend: it stores each
-    [Lq, Lk] score matrix for the backward pass (for ViViT-B's 1568 tokens at
-    batch 16, an estimated 0.9-1.9 GB per layer; docs/running.md has the GPU
-    table). ``implementation='cudnn'`` (fused attention) would avoid it but has
-    not been measured here yet (benchmarks/gpu.sh).
+    A thin wrapper around ``jax.nn.dot_product_attention``. With
+    ``implementation='xla'`` it is XLA's kernel, which stores each [Lq, Lk]
+    score matrix for the backward pass (for ViViT-B's 1568 tokens at batch 16,
+    an estimated 0.9-1.9 GB per layer). With 'cudnn' (see
+    :func:`resolve_attention`) it is cuDNN's fused flash attention wherever
+    that applies (no general `mask`, and :func:`cudnn_applies`), XLA's
+    otherwise; both compute the same function. `key_lengths` and `is_causal`
+    are masks cuDNN takes.
 
     Args:
         query: [B, Lq, heads, head_dim].
@@ -40,11 +87,23 @@ def attention(
             "may attend". A query row whose keys are all masked gets a uniform
             average, so callers should not rely on its value.
         is_causal: apply a causal (lower-triangular) mask as well.
+        implementation: 'xla' or 'cudnn' (resolved, not 'auto').
+        key_lengths: optional int [B]: query b attends only to its first
+            key_lengths[b] keys (right padding).
 
     Returns:
         [B, Lq, heads, head_dim].
     """
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal)
+    fused = implementation == "cudnn" and mask is None and cudnn_applies(query, key)
+    return jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        is_causal=is_causal,
+        key_value_seq_lengths=key_lengths,
+        implementation="cudnn" if fused else None,
+    )
 
 
 class MlpBlock(nn.Module):
@@ -81,10 +140,11 @@ def head_projection(name: str, num_heads: int, head_dim: int, dtype: Dtype) -> n
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (self- or cross-) through :func:`attention`; projections
-    from :func:`head_projection`."""
+    from :func:`head_projection`. ``attention_impl``: 'xla' or 'cudnn' (its kernel)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -104,7 +164,7 @@ class MultiHeadAttention(nn.Module):
         query = project("query", inputs_q)  # [B, Lq, heads, head_dim]
         key = project("key", inputs_kv)  # [B, Lk, heads, head_dim]
         value = project("value", inputs_kv)  # [B, Lk, heads, head_dim]
-        out = attention(query, key, value, mask=mask)  # [B, Lq, heads, head_dim]
+        out = attention(query, key, value, mask=mask, implementation=self.attention_impl)
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
 
@@ -112,7 +172,8 @@ class EncoderBlock(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
     ``norm_eps`` is the LayerNorms' epsilon and ``approximate_gelu`` the MLP's
-    GELU (see ``MlpBlock``); the defaults are big_vision's.
+    GELU (see ``MlpBlock``); the defaults are big_vision's. ``attention_impl`` is the
+    attention kernel, 'xla' or 'cudnn' (:func:`attention`).
     """
 
     mlp_dim: int
@@ -121,6 +182,7 @@ class EncoderBlock(nn.Module):
     norm_eps: float = 1e-6
     approximate_gelu: bool = True
     dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -132,7 +194,9 @@ class EncoderBlock(nn.Module):
         marked static when the block is wrapped in ``nn.remat``.
         """
         y = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="norm1")(x)
-        y = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(y, y, mask)
+        y = MultiHeadAttention(
+            self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl, name="attn"
+        )(y, y, mask)
         x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
         y = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="norm2")(x)
         y = MlpBlock(

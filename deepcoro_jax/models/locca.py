@@ -103,6 +103,7 @@ class CausalSelfAttention(nn.Module):
     num_heads: int
     max_len: int
     dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -135,7 +136,9 @@ class CausalSelfAttention(nn.Module):
                 cached_key.value, cached_value.value = key, value  # [B, max_len, H, Dh]
                 mask = (jnp.arange(self.max_len) <= decode_position)[None, None, None, :]
                 is_causal = False
-        out = attention(query, key, value, mask=mask, is_causal=is_causal)  # [B, L, H, Dh]
+        out = attention(  # [B, L, H, Dh]
+            query, key, value, mask=mask, is_causal=is_causal, implementation=self.attention_impl
+        )
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
 
@@ -168,6 +171,7 @@ class CrossAttention(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -202,7 +206,13 @@ class CrossAttention(nn.Module):
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # [B, 1, 1, N]
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention_weights", _attention_weights(query, key, mask))
-        out = attention(query, key.astype(query.dtype), value.astype(query.dtype), mask=mask)
+        out = attention(
+            query,
+            key.astype(query.dtype),
+            value.astype(query.dtype),
+            mask=mask,
+            implementation=self.attention_impl,
+        )
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
 
@@ -214,6 +224,7 @@ class DecoderBlock(nn.Module):
     max_len: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -229,12 +240,12 @@ class DecoderBlock(nn.Module):
             return x + nn.Dropout(self.dropout)(y, deterministic=not train)
 
         y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
-        y = CausalSelfAttention(self.num_heads, self.max_len, self.dtype, name="self_attn")(
-            y, self_mask, decode_position
-        )
+        y = CausalSelfAttention(
+            self.num_heads, self.max_len, self.dtype, self.attention_impl, name="self_attn"
+        )(y, self_mask, decode_position)
         x = residual(x, y)
         y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
-        y = CrossAttention(self.num_heads, self.dtype, name="cross_attn")(
+        y = CrossAttention(self.num_heads, self.dtype, self.attention_impl, name="cross_attn")(
             y, memory, memory_mask, decode_position is not None
         )
         x = residual(x, y)
@@ -259,6 +270,9 @@ class CaptionDecoder(nn.Module):
         dropout: dropout rate on the embeddings, residual branches and MLP.
         parallel_fraction: probability that a training example uses CapPa
             parallel prediction; 0 disables it (and creates no mask embedding).
+        attention_impl: the attention kernel, 'xla' or 'cudnn' (``common.attention``:
+            cuDNN takes the causal self-attention and unmasked cross-attention of
+            teacher forcing; masked attention and decoding steps stay on XLA).
         dtype: compute dtype.
     """
 
@@ -271,6 +285,7 @@ class CaptionDecoder(nn.Module):
     tie_embeddings: bool = True
     dropout: float = 0.0
     parallel_fraction: float = 0.0
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -349,6 +364,7 @@ class CaptionDecoder(nn.Module):
                 self.max_len,
                 self.dropout,
                 self.dtype,
+                self.attention_impl,
                 name=f"block_{i}",
             )(x, memory, memory_mask, self_mask, decode_position, train)
         x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)

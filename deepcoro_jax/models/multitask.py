@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from deepcoro_jax.models import decode
+from deepcoro_jax.models.common import resolve_attention
 from deepcoro_jax.models.locca import CaptionDecoder
 from deepcoro_jax.models.mvm import (
     MVMDecoder,
@@ -386,6 +387,7 @@ def make_model(
     init_bias: float = INIT_BIAS,
     dropout: float = 0.0,
     dtype: Any = "float32",
+    attention_impl: str = "auto",
     encoder_overrides: Mapping[str, Any] | None = None,
     text_overrides: Mapping[str, Any] | None = None,
     caption_decoder_overrides: Mapping[str, Any] | None = None,
@@ -421,6 +423,9 @@ def make_model(
             text tower (a Hugging Face config brings its own; ``text_overrides``
             can change it).
         dtype: compute dtype of every component, e.g. 'bfloat16'; params stay float32.
+        attention_impl: every component's attention kernel: 'auto' (cuDNN's fused
+            attention on NVIDIA GPUs in 16-bit, XLA's elsewhere), 'xla' or 'cudnn'
+            (``common.resolve_attention``). It changes no parameter.
         encoder_overrides: ``ViViT`` attributes, e.g. {'attention_type':
             'factorized_encoder', 'pool_type': 'mean', 'remat': True}.
         text_overrides: ``BertConfig`` fields, and 'pool_type' ('cls' or 'mean').
@@ -429,6 +434,7 @@ def make_model(
         mvm_decoder_overrides: ``MVMDecoder`` attributes.
     """
     compute_dtype = jnp.dtype(dtype)
+    attention_impl = resolve_attention(attention_impl, compute_dtype)
     if isinstance(image_size, int):
         image_hw = (image_size, image_size)
     else:
@@ -442,6 +448,7 @@ def make_model(
         num_frames=num_frames,
         image_size=image_hw,
         dropout=dropout,
+        attention_impl=attention_impl,
         dtype=compute_dtype,
     )
     encoder = _replace(encoder, encoder_overrides or {}, "encoder_overrides")
@@ -464,7 +471,9 @@ def make_model(
             dropout_prob=dropout,
         )
     text_config = _replace(text_config, text_overrides, "text_overrides")
-    text = TextEncoder(text_config, pool_type=text_pool_type, dtype=compute_dtype)
+    text = TextEncoder(
+        text_config, pool_type=text_pool_type, attention_impl=attention_impl, dtype=compute_dtype
+    )
 
     hidden, layers, mlp_dim, heads = _sized(
         CAPTION_DECODER_SIZES, caption_decoder_size or size, "caption decoder"
@@ -477,6 +486,7 @@ def make_model(
         num_heads=heads,
         max_len=caption_max_len,
         dropout=dropout,
+        attention_impl=attention_impl,
         dtype=compute_dtype,
     )
     caption_decoder = _replace(
@@ -493,6 +503,7 @@ def make_model(
         depth=depth,
         num_heads=mvm_heads,
         mlp_dim=mvm_mlp_dim,
+        attention_impl=attention_impl,
         dtype=compute_dtype,
     )
     mvm_decoder = _replace(mvm_decoder, mvm_decoder_overrides or {}, "mvm_decoder_overrides")

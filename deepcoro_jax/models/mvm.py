@@ -179,6 +179,7 @@ class MVMDecoder(nn.Module):
         embed_bias: a bias in the projection of the encoder's tokens.
         norm_eps, approximate_gelu: the blocks' (see ``EncoderBlock``).
         final_norm_eps: the final LayerNorm's epsilon.
+        attention_impl: the blocks' attention kernel, 'xla' or 'cudnn'.
     """
 
     patch_dim: int
@@ -192,6 +193,7 @@ class MVMDecoder(nn.Module):
     norm_eps: float = 1e-6
     final_norm_eps: float = 1e-6
     approximate_gelu: bool = True
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -252,6 +254,7 @@ class MVMDecoder(nn.Module):
                 norm_eps=self.norm_eps,
                 approximate_gelu=self.approximate_gelu,
                 dtype=self.dtype,
+                attention_impl=self.attention_impl,
                 name=f"block_{i}",
             )(x)
         x = nn.LayerNorm(self.final_norm_eps, dtype=self.dtype, name="norm")(x)  # [B, N, width]

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepcoro_jax.models.common import attention, cudnn_applies
+
 Dtype = Any
 Params = dict[str, Any]
 
@@ -221,15 +223,64 @@ class BertEmbeddings(nn.Module):
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not train)
 
 
+def _bert_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    implementation: str,
+    key_lengths: jax.Array,
+    dropout_rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    broadcast_dropout: bool = True,
+    deterministic: bool = False,
+    dtype: Dtype | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """The ``attention_fn`` of BERT's attention (Flax passes the arguments it names):
+    Flax's softmax attention in float32, or cuDNN's fused kernel
+    (``implementation='cudnn'``) where it applies: no attention dropout in this
+    call and 16-bit inputs. cuDNN reads the padding as `key_lengths` (real tokens
+    first, padding after, as the tokenizers write it)."""
+    if (
+        implementation == "cudnn"
+        and (deterministic or dropout_rate == 0.0)
+        and cudnn_applies(query, key)
+    ):
+        out = attention(query, key, value, implementation="cudnn", key_lengths=key_lengths)
+        return out.astype(dtype or query.dtype)
+    return nn.dot_product_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate,
+        broadcast_dropout=broadcast_dropout,
+        deterministic=deterministic,
+        dtype=dtype,
+        precision=precision,
+        force_fp32_for_softmax=True,
+    )
+
+
 class BertLayer(nn.Module):
-    """Post-LN block as in HF BERT: LN(x + Attn(x)), then LN(x + FFN(x)), erf GELU."""
+    """Post-LN block as in HF BERT: LN(x + Attn(x)), then LN(x + FFN(x)), erf GELU.
+
+    ``attention_impl`` is the attention kernel, 'xla' or 'cudnn' (``_bert_attention``).
+    """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array, train: bool) -> jax.Array:
-        """x [B, L, D]; key_mask [B, 1, 1, L] bool, True for real (non-padding) keys."""
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array, train: bool, key_lengths: jax.Array
+    ) -> jax.Array:
+        """x [B, L, D]; key_mask [B, 1, 1, L] bool, True for real (non-padding) keys;
+        key_lengths [B], the number of real keys (for cuDNN)."""
         cfg = self.config
 
         def dropout(y: jax.Array, rate: float) -> jax.Array:
@@ -244,7 +295,9 @@ class BertLayer(nn.Module):
             dropout_rate=cfg.attention_probs_dropout_prob,
             broadcast_dropout=False,
             kernel_init=_WEIGHT_INIT,
-            attention_fn=functools.partial(nn.dot_product_attention, force_fp32_for_softmax=True),
+            attention_fn=functools.partial(
+                _bert_attention, implementation=self.attention_impl, key_lengths=key_lengths
+            ),
             name="attention",
         )(x, mask=key_mask, deterministic=not train)  # [B, L, D]
         x = layer_norm("attention_norm")(x + dropout(attended, cfg.hidden_dropout_prob))
@@ -270,12 +323,16 @@ class TextEncoder(nn.Module):
         embed_dim: width of the projected embedding; None returns the pooled features.
         pool_type: 'cls' (hidden state of the first token, [CLS] for BERT tokenizers)
             or 'mean' (average over positions where ``attention_mask`` is 1).
+        attention_impl: the attention kernel, 'xla' or 'cudnn'; cuDNN reads the
+            mask as right padding (real tokens first), which is what the
+            tokenizers write.
         dtype: compute dtype; parameters stay float32.
     """
 
     config: BertConfig
     embed_dim: int | None = None
     pool_type: str = "cls"
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -330,8 +387,11 @@ class TextEncoder(nn.Module):
             input_ids, token_type_ids, train
         )
         key_mask = is_token[:, None, None, :]  # [B, 1 head, 1 query, L keys]
+        key_lengths = is_token.sum(axis=1, dtype=jnp.int32)  # [B]
         for i in range(cfg.num_hidden_layers):
-            x = BertLayer(cfg, dtype=self.dtype, name=f"layer_{i}")(x, key_mask, train)
+            x = BertLayer(
+                cfg, dtype=self.dtype, attention_impl=self.attention_impl, name=f"layer_{i}"
+            )(x, key_mask, train, key_lengths)
         tokens = x  # [B, L, D]
 
         if self.pool_type == "cls":

@@ -101,6 +101,24 @@ ATTENTION_TYPES = ("joint", "factorized_encoder")
 STEMS = ("linear", "conv")
 POOL_TYPES = ("map", "mean", "max", "cls", "cls_tanh")
 POSEMB_TYPES = ("factorized", "learned", "sincos")
+# What a rematerialised block saves for the backward pass (None: only its input).
+REMAT_POLICIES = {
+    "none": None,  # not rematerialised
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat: str | bool) -> str:
+    """`remat` as a ``REMAT_POLICIES`` name (True: 'full', False: 'none')."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"ViViT: remat={remat!r}; choose one of {list(REMAT_POLICIES)} (or True/False)"
+        )
+    return remat
 
 
 def vivit_kwargs(size: str) -> dict[str, int]:
@@ -184,7 +202,18 @@ class ViViT(nn.Module):
         pool_norm: a LayerNorm (epsilon 1e-5) on the pooled vector (VideoMAE's
             ``fc_norm`` after mean pooling).
         dropout: dropout rate after the embeddings and inside the blocks.
-        remat: rematerialise each block in the backward pass (saves memory).
+        remat: what each block keeps for the backward pass (``REMAT_POLICIES``):
+            'none' (everything), 'dots_no_batch' (the weight matmuls' outputs;
+            the attention scores and elementwise ops are recomputed), 'dots'
+            (every matmul's output, the attention scores included) or 'full'
+            (only the block's input; the whole block is recomputed). True and
+            False, as older configs give it, mean 'full' and 'none'. Gradients
+            are the same under every policy; memory and speed are not.
+        remat_blocks: how many blocks of each stack, from the first, follow
+            ``remat`` (-1: all); the others keep everything. Lets a run
+            rematerialise only as much as its memory needs.
+        attention_impl: the attention kernel, 'xla' or 'cudnn'
+            (``common.attention``; ``common.resolve_attention`` picks it).
         dtype: compute dtype.
     """
 
@@ -207,7 +236,9 @@ class ViViT(nn.Module):
     final_norm: bool = True
     pool_norm: bool = False
     dropout: float = 0.0
-    remat: bool = False
+    remat: str | bool = "none"
+    remat_blocks: int = -1
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
 
     @classmethod
@@ -264,8 +295,15 @@ class ViViT(nn.Module):
         return temporal.astype(self.dtype), spatial.reshape(h * w, -1).astype(self.dtype)
 
     def _blocks(self, x: jax.Array, depth: int, prefix: str, train: bool) -> jax.Array:
-        block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+        policy = remat_policy(self.remat)
+        remat_cls = None
+        if policy != "none":
+            remat_cls = nn.remat(
+                EncoderBlock, static_argnums=(3,), policy=REMAT_POLICIES[policy]
+            )
+        rematerialised = depth if self.remat_blocks < 0 else min(self.remat_blocks, depth)
         for i in range(depth):
+            block_cls = remat_cls if remat_cls is not None and i < rematerialised else EncoderBlock
             block = block_cls(
                 self.mlp_dim,
                 self.num_heads,
@@ -273,6 +311,7 @@ class ViViT(nn.Module):
                 self.norm_eps,
                 self.approximate_gelu,
                 dtype=self.dtype,
+                attention_impl=self.attention_impl,
                 name=f"{prefix}_{i}",
             )
             x = block(x, None, train)

@@ -36,8 +36,8 @@ KNOBS = (
     "config.model.num_frames / config.model.image_size (smaller clips; change "
     "config.input.video_pp and eval_video_pp with them)",
     "config.model.dtype='bfloat16' (half-size activations on GPU and TPU, not on CPU)",
-    "config.model.encoder_overrides.remat=True (recompute the encoder's activations in the "
-    "backward pass)",
+    "config.model.encoder_overrides.remat='dots_no_batch' or 'full' (recompute the "
+    "encoder's activations in the backward pass)",
     "config.model.contrastive_tokens='masked' (one encoder pass, on the visible tubelets)",
 )
 SHARDED_KNOB = "config.mesh with an fsdp axis (shards the state over the devices)"

@@ -397,6 +397,7 @@ def build_model(
         init_bias=m.init_bias,
         dropout=m.dropout,
         dtype=m.dtype,
+        attention_impl=m.get("attention_impl", "auto"),  # runs written before it had none
         encoder_overrides=dict(m.encoder_overrides),
         text_overrides=dict(m.text_overrides),
         caption_decoder_overrides=dict(m.caption_decoder_overrides),
