@@ -15,7 +15,8 @@
 #
 # Settings (environment): SIZE (base), BATCH (16), FRAMES (16), IMAGE (224),
 # DTYPE (bfloat16), STEPS (10 timed steps per variant), MATMUL (8192), STEM (linear;
-# 'conv' for the convolutional tubelet stem),
+# 'conv' for the convolutional tubelet stem), ATTENTION (auto: cuDNN's fused attention
+# on a GPU in bf16; 'xla' for XLA's), REMAT (none; dots_no_batch, dots or full),
 # TIME_LIMIT (450 s for the benchmark), PYTHON (python3), WHEELS (shared/wheels).
 #
 # Needs JAX with its GPU plugin, flax, optax and orbax-checkpoint; not
@@ -37,6 +38,8 @@ DTYPE=${DTYPE:-bfloat16}
 STEPS=${STEPS:-10}
 MATMUL=${MATMUL:-8192}
 STEM=${STEM:-linear}
+ATTENTION=${ATTENTION:-auto}
+REMAT=${REMAT:-none}
 TIME_LIMIT=${TIME_LIMIT:-450}
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-shared/wheels}
@@ -85,16 +88,17 @@ trap 'rm -f "$log"' EXIT
 status=0
 timeout --kill-after=20 "$TIME_LIMIT" "$PYTHON" -u -m benchmarks.train_step \
   --size "$SIZE" --batch_size "$BATCH" --num_frames "$FRAMES" --image_size "$IMAGE" \
-  --dtype "$DTYPE" --steps "$STEPS" --matmul_size "$MATMUL" --stem "$STEM" | tee "$log" || status=$?
+  --dtype "$DTYPE" --steps "$STEPS" --matmul_size "$MATMUL" --stem "$STEM" \
+  --attention_impl "$ATTENTION" --remat "$REMAT" | tee "$log" || status=$?
 if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
   echo "benchmark stopped after TIME_LIMIT=${TIME_LIMIT}s; the table shows what it measured" >&2
 fi
 
-"$PYTHON" - "$log" "$SIZE" "$BATCH" "$FRAMES" "$IMAGE" "$DTYPE" "$STEM" <<'EOF'
+"$PYTHON" - "$log" "$SIZE" "$BATCH" "$FRAMES" "$IMAGE" "$DTYPE" "$STEM" "$ATTENTION" "$REMAT" <<'EOF'
 import json
 import sys
 
-path, size, batch, frames, image, dtype, stem = sys.argv[1:]
+path, size, batch, frames, image, dtype, stem, attention, remat = sys.argv[1:]
 values = {}
 with open(path) as f:
     for line in f:
@@ -102,7 +106,8 @@ with open(path) as f:
             record = json.loads(line)
             values[record["name"]] = record["value"]
 
-print(f"\n{size}, batch {batch}, {frames}x{image}x{image}, {dtype}, {stem} stem")
+print(f"\n{size}, batch {batch}, {frames}x{image}x{image}, {dtype}, {stem} stem, "
+      f"attention {attention}, remat {remat}")
 peak = values.get("matmul_peak_flops")
 print("measured matmul peak:", f"{peak / 1e12:.3g} TFLOP/s per device" if peak else "-")
 columns = [  # (header, metric, scale, format)

@@ -10,6 +10,16 @@ with the shardings and donation that the trainer uses. The batches are random
 but valid (token ids in the vocabulary, padded masks), so nothing here imports
 TensorFlow.
 
+With ``--find_batch`` nothing is timed: per variant, the train step is only
+compiled (from abstract arguments, so nothing is allocated) at batch sizes
+that double from ``--batch_size`` until XLA's memory analysis exceeds the
+memory there is (``deepcoro_jax/training/memory.py``: the allocator's limit
+per device, or the host's available memory on CPU; ``--memory_gb`` sets it),
+then bisected to a multiple of ``--batch_multiple``. It prints each try's
+memory and ``largest_batch/<variant>``. XLA's estimate is what the trainer
+checks before its first step; a batch at the very edge can still run out
+(fragmentation).
+
 Not for: the input pipeline's speed, evaluation, or multi-process runs.
 
 Usage, from the repository root:
@@ -18,6 +28,8 @@ Usage, from the repository root:
   python -m benchmarks.train_step --size base --batch_size 32 --num_frames 16 \\
       --image_size 224 --dtype bfloat16                   # the defaults on a GPU or TPU
   python -m benchmarks.train_step --nomvm --steps 20      # only without MVM
+  python -m benchmarks.train_step --size base --num_frames 16 --image_size 224 \
+      --dtype bfloat16 --find_batch                        # the largest batch that fits
 
 Every measurement is printed as soon as it is taken, one JSON object per line:
 
@@ -53,7 +65,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import multitask as multitask_config
-from deepcoro_jax.models import multitask
+from deepcoro_jax.domain import locations
+from deepcoro_jax.models import multitask, vivit
+from deepcoro_jax.models.common import ATTENTION_IMPLEMENTATIONS
+from deepcoro_jax.training import memory as memory_lib
 from deepcoro_jax.training import run as run_lib
 from deepcoro_jax.training import sharding
 
@@ -92,6 +107,8 @@ def benchmark_config(
     contrastive_tokens: str,
     mvm: bool,
     stem: str = "linear",
+    attention_impl: str = "auto",
+    remat: str = "none",
 ) -> ml_collections.ConfigDict:
     """The recipe (configs/multitask.py) at this size and input, with or without MVM."""
     config = multitask_config.get_config(f"size={size}")
@@ -101,6 +118,8 @@ def benchmark_config(
     config.model.dtype = dtype
     config.model.contrastive_tokens = contrastive_tokens
     config.model.encoder_overrides.stem = stem
+    config.model.attention_impl = attention_impl
+    config.model.encoder_overrides.remat = remat
     config.loss.weights.mvm = 1.0 if mvm else 0.0
     return config
 
@@ -112,13 +131,17 @@ def random_batch(
     text_len: int,
     caption_len: int,
     vocab_size: int,
+    task_weights: Mapping[int, float] | None = None,
+    findings: bool = True,
 ) -> dict[str, np.ndarray]:
     """A training batch as the pipeline yields it, with random content.
 
     'video' float32 in [-1, 1]; 'text_ids' = BOS tokens EOS then padding, with
     'text_mask' True on the real positions; 'caption_in' = BOS tokens and
     'caption_out' = tokens EOS (padded), 'caption_mask' on the real targets.
-    Lengths are uniform between half and all of each maximum.
+    Lengths are uniform between half and all of each maximum. With `findings`,
+    'findings_id': one of batch_size / 2 ids per example (some pairs positives); with
+    `task_weights` ({LocCa task index: weight}), 'locca_task' drawn with them.
     """
     if vocab_size <= EOS_ID + 1:
         raise ValueError(
@@ -137,7 +160,17 @@ def random_batch(
         caption_in[i, : caption_lengths[i]] = [BOS_ID, *tokens]
         caption_out[i, : caption_lengths[i]] = [*tokens, EOS_ID]
     positions = np.arange(max(text_len, caption_len))
+    extra = {}
+    if findings:
+        extra["findings_id"] = rng.integers(0, max(1, batch_size // 2), batch_size).astype(
+            np.int32
+        )
+    if task_weights:
+        tasks, weights = zip(*sorted(task_weights.items()), strict=True)
+        p = np.asarray(weights, np.float64) / sum(weights)
+        extra["locca_task"] = rng.choice(np.asarray(tasks, np.int32), batch_size, p=p)
     return {
+        **extra,
         "video": video,
         "text_ids": text_ids,
         "text_mask": positions[None, :text_len] < text_lengths[:, None],
@@ -164,6 +197,151 @@ def measure_matmul_peak(size: int, dtype: str) -> float:
     return 2 * size**3 * MATMUL_CALLS / best
 
 
+def largest_fitting(
+    fits: Callable[[int], bool], start: int, multiple: int, max_batch: int
+) -> int:
+    """The largest multiple of `multiple` up to `max_batch` for which `fits` holds (0 when
+    not even `multiple` fits), assuming that a batch fits when a larger one does.
+
+    Doubles from `start` (rounded up to a multiple) until a batch does not fit, then
+    bisects between the last that fit and the first that did not. Each batch is asked
+    about at most once.
+    """
+    if multiple < 1 or start < 1 or max_batch < multiple:
+        raise ValueError(
+            f"largest_fitting: need multiple >= 1, start >= 1 and max_batch >= multiple; got "
+            f"{multiple}, {start}, {max_batch}"
+        )
+    answers: dict[int, bool] = {}
+
+    def ask(batch: int) -> bool:
+        if batch not in answers:
+            answers[batch] = fits(batch)
+        return answers[batch]
+
+    top = max_batch // multiple  # batches are counted in multiples from here on
+    n = min(max(1, math.ceil(start / multiple)), top)
+    if not ask(n * multiple):
+        low, high = 0, n  # low fits (0 trivially), high does not
+    else:
+        while n < top and ask(min(2 * n, top) * multiple):
+            n = min(2 * n, top)
+        if n == top:
+            return top * multiple
+        low, high = n, min(2 * n, top)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if ask(middle * multiple):
+            low = middle
+        else:
+            high = middle
+    return low * multiple
+
+
+def abstract_batch(
+    batch_size: int,
+    video_shape: Sequence[int],
+    text_len: int,
+    caption_len: int,
+    with_tasks: bool = False,
+    findings: bool = True,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of `random_batch`'s output, nothing allocated."""
+    extra = {}
+    if findings:
+        extra["findings_id"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
+    if with_tasks:
+        extra["locca_task"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
+    return {
+        **extra,
+        "video": jax.ShapeDtypeStruct((batch_size, *video_shape), np.float32),
+        "text_ids": jax.ShapeDtypeStruct((batch_size, text_len), np.int32),
+        "text_mask": jax.ShapeDtypeStruct((batch_size, text_len), np.bool_),
+        "caption_in": jax.ShapeDtypeStruct((batch_size, caption_len), np.int32),
+        "caption_out": jax.ShapeDtypeStruct((batch_size, caption_len), np.int32),
+        "caption_mask": jax.ShapeDtypeStruct((batch_size, caption_len), np.bool_),
+    }
+
+
+def task_weights(config: ml_collections.ConfigDict) -> dict[int, float]:
+    """{LocCa task index: weight} when the recipe draws location tasks (the pipeline then
+    adds 'locca_task' to each batch), else {}."""
+    tasks = run_lib.location_tasks(config)
+    if set(tasks) == {"cap"}:
+        return {}
+    return {locations.TASKS.index(task): weight for task, weight in tasks.items()}
+
+
+def jitted_step(
+    config: ml_collections.ConfigDict,
+    model: multitask.MultitaskModel,
+    tx: optax.GradientTransformation,
+    schedules: Mapping[str, Callable],
+    mesh: Mesh,
+    shardings: run_lib.TrainState,
+):
+    """The trainer's train step, jitted with its shardings and donation."""
+    return jax.jit(
+        run_lib.make_train_step(model, tx, config, mesh, schedules),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+
+
+def find_batch(
+    name: str,
+    config: ml_collections.ConfigDict,
+    model: multitask.MultitaskModel,
+    tx: optax.GradientTransformation,
+    schedules: Mapping[str, Callable],
+    abstract_state: run_lib.TrainState,
+    *,
+    mesh: Mesh,
+    shardings: run_lib.TrainState,
+    video_shape: Sequence[int],
+    start: int,
+    multiple: int,
+    max_batch: int,
+    memory_bytes: int | None,
+) -> int:
+    """`largest_fitting` for the train step of `config`, by compiling it; emits each
+    try's memory and the answer."""
+    devices = jax.local_devices()
+    scope, available = memory_lib.available_bytes(devices)
+    if memory_bytes is not None:
+        available = memory_bytes
+    if available is None:
+        raise ValueError(
+            f"--find_batch: {devices[0].platform} gives no memory limit; give --memory_gb"
+        )
+    step = jitted_step(config, model, tx, schedules, mesh, shardings)
+
+    def fits(batch_size: int) -> bool:
+        batch = abstract_batch(
+            batch_size,
+            video_shape,
+            config.input.text_max_len,
+            config.input.caption_max_len,
+            with_tasks=bool(task_weights(config)),
+            findings=run_lib.positive_ids_key(config) == "findings_id",
+        )
+        start_time = time.perf_counter()
+        compiled = step.lower(abstract_state, batch).compile()
+        sizes = memory_lib.step_bytes(compiled)
+        if sizes is None:
+            raise ValueError(f"--find_batch: XLA gives no memory analysis on {devices[0].platform}")
+        needed = sizes["peak_bytes"] * (len(devices) if scope == "host" else 1)
+        emit(f"find_batch_memory_gb/{name}/{batch_size}", needed / 1e9, f"GB {scope}")
+        emit(f"find_batch_compile_s/{name}/{batch_size}", time.perf_counter() - start_time, "s")
+        return needed <= available
+
+    emit(f"find_batch_available_gb/{name}", available / 1e9, f"GB {scope}")
+    largest = largest_fitting(fits, start, multiple, max_batch)
+    emit(f"largest_batch/{name}", largest, "videos per step")
+    return largest
+
+
 def benchmark_variant(
     name: str,
     config: ml_collections.ConfigDict,
@@ -186,12 +364,7 @@ def benchmark_variant(
     """
     batch_size = config.input.batch_size
     num_devices = mesh.size
-    train_step = jax.jit(
-        run_lib.make_train_step(model, tx, config, mesh, schedules),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, NamedSharding(mesh, P())),
-        donate_argnums=(0,),
-    )
+    train_step = jitted_step(config, model, tx, schedules, mesh, shardings)
     start = time.perf_counter()
     compiled = train_step.lower(state, batches[0]).compile()
     emit(f"train_step_compile_s/{name}", time.perf_counter() - start, "s")
@@ -211,15 +384,9 @@ def benchmark_variant(
         per_example = xla_flops * num_devices / batch_size
         emit(f"train_step_xla_flops_per_example/{name}", per_example, "FLOP")
         emit(f"train_step_xla_to_analytic_flops/{name}", per_example / flops, "ratio")
-    memory = compiled.memory_analysis()
-    if memory is not None:
-        used = (
-            memory.argument_size_in_bytes
-            + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes
-        )
-        emit(f"train_step_memory_gb/{name}", used / 1e9, "GB per device")
+    sizes = memory_lib.step_bytes(compiled)
+    if sizes is not None:
+        emit(f"train_step_memory_gb/{name}", sizes["peak_bytes"] / 1e9, "GB per device")
 
     for i in range(WARMUP_STEPS):
         state, metrics = compiled(state, batches[i % len(batches)])
@@ -254,17 +421,12 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"# jax {jax.__version__}, {jax.device_count()} x {device.device_kind}; {options}, "
         f"contrastive_tokens={args.contrastive_tokens}, stem={args.stem}, "
+        f"attention_impl={args.attention_impl}, remat={args.remat}, "
         f"vocab_size={args.vocab_size}",
         file=sys.stderr,
         flush=True,
     )
     emit("device_count", jax.device_count(), "devices")
-
-    peak = measure_matmul_peak(options["matmul_size"], options["dtype"])
-    emit("matmul_peak_flops", peak, "FLOP/s per device")
-    nominal_peak = run_lib.peak_flops(device)
-    if nominal_peak is not None:
-        emit("nominal_peak_flops", nominal_peak, "FLOP/s per device")
 
     configs = {
         name: benchmark_config(
@@ -276,6 +438,8 @@ def run(args: argparse.Namespace) -> None:
             args.contrastive_tokens,
             mvm=name == "mvm",
             stem=args.stem,
+            attention_impl=args.attention_impl,
+            remat=args.remat,
         )
         for name in variants
     }
@@ -297,6 +461,8 @@ def run(args: argparse.Namespace) -> None:
             config.input.text_max_len,
             config.input.caption_max_len,
             args.vocab_size,
+            task_weights(config),
+            findings=run_lib.positive_ids_key(config) == "findings_id",
         )
         for _ in range(2)
     ]
@@ -314,6 +480,36 @@ def run(args: argparse.Namespace) -> None:
     init_fn = run_lib.create_train_state(model, tx, example, with_teacher=with_teacher)
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     shardings = run_lib.state_shardings(abstract_state, config, mesh)
+    if args.find_batch:
+        multiple = args.batch_multiple or mesh.size * (1 if device.platform == "cpu" else 8)
+        if multiple % mesh.size:
+            raise ValueError(
+                f"--batch_multiple={multiple} must divide by the device count ({mesh.size})"
+            )
+        memory_bytes = None if args.memory_gb is None else int(args.memory_gb * 1e9)
+        for name in variants:
+            find_batch(
+                name,
+                configs[name],
+                model,
+                tx,
+                schedules,
+                abstract_state,
+                mesh=mesh,
+                shardings=shardings,
+                video_shape=video_shape,
+                start=options["batch_size"],
+                multiple=multiple,
+                max_batch=args.max_batch,
+                memory_bytes=memory_bytes,
+            )
+        return
+
+    peak = measure_matmul_peak(options["matmul_size"], options["dtype"])
+    emit("matmul_peak_flops", peak, "FLOP/s per device")
+    nominal_peak = run_lib.peak_flops(device)
+    if nominal_peak is not None:
+        emit("nominal_peak_flops", nominal_peak, "FLOP/s per device")
     batches = [jax.device_put(b, sharding.batch_sharding(mesh)) for b in host_batches]
 
     init_state = jax.jit(init_fn, out_shardings=shardings)
@@ -361,7 +557,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the encoder's tubelet embedding (model.encoder_overrides.stem)",
     )
     parser.add_argument(
+        "--attention_impl",
+        choices=ATTENTION_IMPLEMENTATIONS,
+        default="auto",
+        help="the attention kernel (model.attention_impl; 'auto': cuDNN on GPUs in bf16)",
+    )
+    parser.add_argument(
+        "--remat",
+        choices=tuple(vivit.REMAT_POLICIES),
+        default="none",
+        help="what each encoder block keeps for the backward pass "
+        "(model.encoder_overrides.remat)",
+    )
+    parser.add_argument(
         "--vocab_size", type=int, default=1000, help="caption tokenizer vocabulary size"
+    )
+    parser.add_argument(
+        "--find_batch",
+        action="store_true",
+        help="report the largest batch whose compiled step fits in memory (times nothing)",
+    )
+    parser.add_argument(
+        "--batch_multiple",
+        type=int,
+        help="--find_batch: batches tried are multiples of this (default: the device count, "
+        "x8 on GPU/TPU)",
+    )
+    parser.add_argument(
+        "--max_batch", type=int, default=4096, help="--find_batch: the largest batch tried"
+    )
+    parser.add_argument(
+        "--memory_gb",
+        type=float,
+        help="--find_batch: the memory to fit in, GB per device (default: the allocator's "
+        "limit, or the host's available memory on CPU)",
     )
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--mvm", dest="only", action="store_const", const="mvm", help="only with MVM")

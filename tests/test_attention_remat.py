@@ -178,27 +178,16 @@ def test_encoder_and_decoders_route_unmasked_attention_to_cudnn(recorded):
     assert [(c["implementation"], c["mask"]) for c in recorded] == [("cudnn", False), (None, True)]
 
 
-def test_cudnn_routing_leaves_outputs_unchanged(recorded):
-    """The same computation with both settings (the recorder runs XLA's kernel for both)."""
-    kwargs = dict(hidden_size=32, depth=1, mlp_dim=64, num_heads=2, patch_size=(2, 8, 8),
-                  num_frames=4, image_size=32, dtype=BF16)
-    video = np.random.default_rng(0).normal(size=(2, 4, 32, 32, 1)).astype(np.float32)
-    params = vivit.ViViT(**kwargs).init(jax.random.key(0), video)
-    a, _ = vivit.ViViT(**kwargs).apply(params, video)
-    b, _ = vivit.ViViT(**kwargs, attention_impl="cudnn").apply(params, video)
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
-REMAT_KWARGS = dict(hidden_size=32, depth=3, mlp_dim=64, num_heads=2, patch_size=(2, 8, 8),
+REMAT_KWARGS = dict(hidden_size=32, depth=2, mlp_dim=64, num_heads=2, patch_size=(2, 8, 8),
                     num_frames=4, image_size=32, dropout=0.1)
 
 
 @functools.cache
 def _remat_gradients(remat, remat_blocks, attention_type):
     model = vivit.ViViT(**REMAT_KWARGS, remat=remat, remat_blocks=remat_blocks,
-                        attention_type=attention_type, temporal_depth=2)
+                        attention_type=attention_type, temporal_depth=1)
     video = np.random.default_rng(5).normal(size=(2, 4, 32, 32, 1)).astype(np.float32)
-    params = vivit.ViViT(**REMAT_KWARGS, attention_type=attention_type, temporal_depth=2).init(
+    params = vivit.ViViT(**REMAT_KWARGS, attention_type=attention_type, temporal_depth=1).init(
         jax.random.key(0), video)["params"]
 
     def loss(p):
@@ -240,14 +229,14 @@ def test_remat_policy_names():
 
 def test_remat_blocks_choose_which_blocks_are_rematerialised():
     video = np.zeros((1, 4, 32, 32, 1), np.float32)
+    params = jax.eval_shape(vivit.ViViT(**REMAT_KWARGS).init, jax.random.key(0), video)
     counts = {}
-    for blocks in (0, 1, 3, 5):  # 5: more than the depth, so all
+    for blocks in (0, 1, 2, 5):  # 5: more than the depth, so all
         m = vivit.ViViT(**REMAT_KWARGS, remat="full", remat_blocks=blocks)
-        text = str(jax.make_jaxpr(jax.grad(lambda p, m=m: m.apply(p, video)[0].sum()))(
-            m.init(jax.random.key(0), video)))
+        text = str(jax.make_jaxpr(jax.grad(lambda p, m=m: m.apply(p, video)[0].sum()))(params))
         counts[blocks] = text.count("remat")  # the jaxpr's remat primitives
     assert counts[0] == 0 and counts[1] > 0
-    assert counts[3] == counts[5] == 3 * counts[1]
+    assert counts[2] == counts[5] == 2 * counts[1]
 
 
 def test_bad_remat_names_the_choices():

@@ -102,6 +102,18 @@ def _device_limit(device: jax.Device) -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
+def available_bytes(devices: Sequence[jax.Device]) -> tuple[str, int | None]:
+    """The memory `devices` have for a step: ('per device', the smallest allocator
+    limit) on accelerators, ('host', available host memory) for CPU devices, which
+    share it; the amount is None when unknown."""
+    limits = [_device_limit(d) for d in devices]
+    if all(limit is not None for limit in limits):
+        return "per device", min(limits)
+    if all(d.platform == "cpu" for d in devices):
+        return "host", host_available_bytes()
+    return "per device", None
+
+
 def check_fits(
     compiled: jax.stages.Compiled, devices: Sequence[jax.Device], what: str = "the train step"
 ) -> dict:
@@ -118,13 +130,7 @@ def check_fits(
         raise ValueError("check_fits: no devices given")
     sizes = step_bytes(compiled)
     platform = devices[0].platform
-    limits = [_device_limit(d) for d in devices]
-    if all(limit is not None for limit in limits):
-        scope, available = "per device", min(limits)
-    elif all(d.platform == "cpu" for d in devices):
-        scope, available = "host", host_available_bytes()
-    else:
-        scope, available = "per device", None
+    scope, available = available_bytes(devices)
     needed = None
     if sizes is not None:
         needed = sizes["peak_bytes"] * (len(devices) if scope == "host" else 1)
