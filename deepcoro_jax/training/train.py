@@ -372,6 +372,12 @@ class Parts:
 def build_parts(config: ml_collections.ConfigDict, inputs: Input, mesh: Mesh) -> Parts:
     caption_tok = run.caption_tokenizer(config, inputs.caption_spec)
     model = run.build_model(config, caption_tok.vocab_size, caption_tok.pad_id)
+    logging.info(
+        "attention kernel: %s; encoder remat: %s (blocks: %s)",
+        model.encoder.attention_impl,
+        model.encoder.remat,
+        "all" if model.encoder.remat_blocks < 0 else model.encoder.remat_blocks,
+    )
     params_shape = jax.eval_shape(
         lambda r: model.init(
             {"params": r, "dropout": r, "mask": r, "parallel": r},
