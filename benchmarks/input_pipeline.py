@@ -113,9 +113,7 @@ def measure_pipeline(
     data_dir: str, pp: str, clips: int, batch_size: int, seed: int
 ) -> tuple[float, float]:
     """(clips per wall-second, clips per CPU-second) of the training pipeline with `pp`."""
-    ds = pipeline.make_train_dataset(
-        data_dir, "train", pp, batch_size, seed=seed, shuffle_buffer=64
-    )
+    ds = pipeline.make_train_dataset(data_dir, "train", pp, batch_size, seed=seed)
     iterator = pipeline.InputIterator(ds)
     for _ in range(3):  # warm-up: tracing, autotuning, filling the buffers
         batch = next(iterator)

@@ -107,8 +107,7 @@ def main(argv: Sequence[str]) -> None:
     train_pp = f"{config.input.video_pp}|flatten_labels|keep('video', '{label_key}')"
     eval_pp = f"{config.input.eval_video_pp}|keep('video', 'row')"
     train = pipeline.make_train_dataset(data_dir, "train", train_pp, _BATCH.value,
-                                        seed=_SEED.value,
-                                        shuffle_buffer=config.input.shuffle_buffer)
+                                        seed=_SEED.value)
     model = Classifier(encoder_of(config))
     example = next(iter(train.as_numpy_iterator()))
     params = model.init(jax.random.key(_SEED.value), example["video"][:1], train=False)["params"]

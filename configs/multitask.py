@@ -115,7 +115,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.input.split = "train"
     config.input.batch_size = 16 if arg.runlocal else 256
-    config.input.shuffle_buffer = 200 if arg.runlocal else 2000
     config.input.study_videos = config_dict.placeholder(int)  # N: study-level examples
     config.input.text_tokenizer = "dataset"  # or 'wordpiece:/path' (set by text_init)
     config.input.caption_tokenizer = "dataset"

@@ -89,7 +89,6 @@ def _contact_sheet(config, out: str) -> None:
         pp,
         batch_size,
         seed=config.seed,
-        shuffle_buffer=config.input.shuffle_buffer,
     )
     num_examples = dataset_format.num_examples(data_dir, config.input.split)
     num_batches = max(1, num_examples // batch_size)

@@ -8,6 +8,9 @@ A prepared dataset is a TFDS-readable folder (``tfds.builder_from_directory``):
     deepcoro_dataset.json                       DatasetMeta: size, frames, labels, tokenizer,
                                                 lesion boxes or not
     spm.model                                   SentencePiece model trained on train reports
+    record_index-train.npz ...                  per split: each record's size and where each
+                                                study starts (the training stream's random
+                                                access; rebuilt by reading the split when absent)
     prepare_report.json                         what `prepare` wrote and what failed
 
 One example is one video:
@@ -42,6 +45,7 @@ only the frames it samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -150,6 +154,8 @@ class SplitWriter:
         self.split = split
         self.examples_per_shard = examples_per_shard
         self.shard_lengths: list[int] = []
+        self.record_lengths: list[int] = []
+        self.study_starts: list[int] = []
         self.num_bytes = 0
         self._paths: list[str] = []
         self._writer: tf.io.TFRecordWriter | None = None
@@ -158,8 +164,11 @@ class SplitWriter:
         full = self.shard_lengths and self.shard_lengths[-1] >= self.examples_per_shard
         if self._writer is None or (new_study and full):
             self._open_next()
+        if new_study or not self.study_starts:
+            self.study_starts.append(len(self.record_lengths))
         self._writer.write(serialized)
         self.shard_lengths[-1] += 1
+        self.record_lengths.append(len(serialized))
         self.num_bytes += len(serialized)
 
     def _open_next(self) -> None:
@@ -180,12 +189,131 @@ class SplitWriter:
             os.replace(
                 path, os.fspath(template.sharded_filepath(shard_index=index, num_shards=num_shards))
             )
+        if self.record_lengths:
+            _write_record_index(
+                self.data_dir, self.split, np.asarray(self.record_lengths, np.int64),
+                np.asarray(self.study_starts, np.int64),
+            )
         return tfds.core.SplitInfo(
             name=self.split,
             shard_lengths=list(self.shard_lengths),
             num_bytes=self.num_bytes,
             filename_template=template,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordIndex:
+    """Where each example of a split lies in its TFRecord shards, for random access.
+
+    Record r (in written order) is ``length[r]`` bytes at byte ``offset[r]`` of
+    ``paths[shard[r]]``; the videos of study s are records
+    ``study_start[s] .. study_start[s + 1] - 1`` (``study_start`` ends with the
+    number of records).
+    """
+
+    paths: tuple[str, ...]
+    shard: np.ndarray  # int32 [N]
+    offset: np.ndarray  # int64 [N]
+    length: np.ndarray  # int64 [N]
+    study_start: np.ndarray  # int64 [S + 1]
+
+    @property
+    def num_records(self) -> int:
+        return len(self.length)
+
+    @property
+    def num_studies(self) -> int:
+        return len(self.study_start) - 1
+
+
+RECORD_INDEX_FILE = "record_index-{split}.npz"
+# A TFRecord is: length (uint64), its masked CRC (uint32), the data, the data's CRC (uint32).
+TFRECORD_HEADER_BYTES = 12
+TFRECORD_FRAMING_BYTES = 16
+
+
+def _write_record_index(
+    data_dir: str, split: str, lengths: np.ndarray, study_starts: np.ndarray
+) -> None:
+    path = os.path.join(data_dir, RECORD_INDEX_FILE.format(split=split))
+    with open(path, "wb") as f:
+        np.savez(f, length=lengths, study_start=study_starts)
+
+
+def record_index(data_dir: str, split: str) -> RecordIndex:
+    """The split's `RecordIndex`: from prepare's ``record_index-<split>.npz``, or, for a
+    dataset written before prepare wrote one, by reading the split once (every record's
+    size and ``video_in_study``). Kept for the process's later calls while the dataset's
+    metadata file is unchanged."""
+    written = (epath.Path(data_dir) / "dataset_info.json").stat().mtime
+    return _record_index(data_dir, split, written)
+
+
+@functools.lru_cache(maxsize=8)
+def _record_index(data_dir: str, split: str, written: float) -> RecordIndex:
+    info = builder(data_dir).info
+    if split not in info.splits:
+        raise ValueError(f"split {split!r} not in {data_dir}; it has {sorted(info.splits.keys())}")
+    split_info = info.splits[split]
+    paths = tuple(os.fspath(p) for p in split_info.filepaths)
+    shard_lengths = np.asarray(split_info.shard_lengths, np.int64)
+    stored = epath.Path(data_dir) / RECORD_INDEX_FILE.format(split=split)
+    if stored.is_file():
+        with stored.open("rb") as f:
+            saved = np.load(f)
+            lengths, starts = saved["length"], saved["study_start"]
+    else:
+        lengths, starts = _scan_records(paths)
+    if len(lengths) != shard_lengths.sum():
+        raise ValueError(
+            f"{stored}: {len(lengths)} records, but the {split!r} shards hold "
+            f"{shard_lengths.sum()}; prepare the dataset again"
+        )
+    shard = np.repeat(np.arange(len(paths), dtype=np.int32), shard_lengths)
+    framed = lengths + TFRECORD_FRAMING_BYTES
+    first_in_shard = np.concatenate([[0], np.cumsum(shard_lengths)[:-1]])
+    ends = np.cumsum(framed)
+    offset = ends - framed - np.repeat(np.concatenate([[0], ends])[first_in_shard], shard_lengths)
+    return RecordIndex(
+        paths=paths,
+        shard=shard,
+        offset=offset + TFRECORD_HEADER_BYTES,
+        length=lengths.astype(np.int64),
+        study_start=np.append(starts, len(lengths)).astype(np.int64),
+    )
+
+
+def _scan_records(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's size and the records that start a study, read from the shards."""
+    feature = {"video_in_study": tf.io.FixedLenFeature([], tf.int64)}
+
+    def describe(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        first = tf.io.parse_single_example(record, feature)["video_in_study"] == 0
+        return tf.cast(tf.strings.length(record), tf.int64), first
+
+    ds = tf.data.TFRecordDataset(list(paths)).map(describe, num_parallel_calls=tf.data.AUTOTUNE)
+    lengths, firsts = [], []
+    for length, first in ds.as_numpy_iterator():
+        lengths.append(length)
+        firsts.append(first)
+    return np.asarray(lengths, np.int64), np.flatnonzero(np.asarray(firsts, bool)).astype(np.int64)
+
+
+def read_records(index: RecordIndex, records: np.ndarray) -> list[bytes]:
+    """The serialised examples `records` (record numbers of `index`), read by offset."""
+    out = []
+    for r in np.asarray(records).reshape(-1):
+        with tf.io.gfile.GFile(index.paths[index.shard[r]], "rb") as f:
+            f.seek(int(index.offset[r]))
+            data = f.read(int(index.length[r]))
+        if len(data) != index.length[r]:
+            raise OSError(
+                f"{index.paths[index.shard[r]]}: record at byte {index.offset[r]} is cut short "
+                f"({len(data)} of {index.length[r]} bytes)"
+            )
+        out.append(data)
+    return out
 
 
 def _template(data_dir: str, split: str) -> tfds.core.ShardedFileTemplate:

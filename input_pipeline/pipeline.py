@@ -1,12 +1,14 @@
 """The tf.data input pipeline: prepared shards -> per-host batches -> global jax.Arrays.
 
-Each process reads its own disjoint part of a split (``dataset_format.read_split``),
-applies a pp string (``ops.py``) and batches its share of the global batch;
-``global_batch`` assembles the per-host batches into arrays sharded over the
-mesh. Training streams are infinite and deterministic given the seed (shuffle,
-epoch reshuffles and augmentation alike) and can be checkpointed and resumed
-exactly (``InputIterator``). Evaluation streams are finite, in order, cover each
-example once and give every process the same number of batches.
+Each process reads its share of the global batch, applies a pp string
+(``ops.py``) and batches it; ``global_batch`` assembles the per-host batches
+into arrays sharded over the mesh. Training streams are infinite and a
+function of the seed and a stream position alone (shuffle, epoch reshuffles
+and augmentation alike, read by random access from the shards), so a few
+integers resume them exactly, with any number of processes
+(``TrainIterator``). Evaluation streams read each process's disjoint part of
+a split (``dataset_format.read_split``) in order, cover each example once and
+give every process the same number of batches.
 ``check_video_shape`` (``check_clip_shape``) checks that a pp's clips are the model's
 frames and size.
 
@@ -16,6 +18,8 @@ Not here: preprocessing ops (``ops.py``), the on-disk format
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -68,9 +72,53 @@ def _check_process(process_index: int, process_count: int) -> None:
         )
 
 
-def _with_seed(base_seed: tf.Tensor):
-    def add(index: tf.Tensor, example: dict) -> dict:
-        return {**example, ops.SEED_KEY: tf.random.experimental.stateless_fold_in(base_seed, index)}
+def _stream_positions(
+    start_position: int, batch_size: int, process_index: int, process_count: int
+) -> tf.data.Dataset:
+    """This process's positions in the global stream, from `start_position` on: the
+    global batch of step s holds positions start + s*G .. start + (s+1)*G - 1 (G =
+    batch_size * process_count), and process p takes the p-th run of batch_size of
+    them. So the global batch is the same whatever the number of processes."""
+    global_batch = batch_size * process_count
+
+    def position(k: tf.Tensor) -> tf.Tensor:
+        return start_position + (k // batch_size) * global_batch + process_index * batch_size + (
+            k % batch_size
+        )
+
+    return tf.data.Dataset.counter().map(position)
+
+
+def _unit_at(position: tf.Tensor, seed: int, num_units: int) -> tf.Tensor:
+    """The unit (video or study) at global `position`: epoch e = position // num_units
+    visits every unit once, in the order of a seeded random bijection of that epoch."""
+    epoch = position // num_units
+    seed_vector = tf.stack([tf.constant(seed, tf.int64), epoch])  # [2]: TF pads it to [3]
+    return tf.random.experimental.index_shuffle(
+        position % num_units, seed=seed_vector, max_index=num_units - 1
+    )
+
+
+def _record_reader(index: dataset_format.RecordIndex):
+    """A tf function: int64 record numbers [n] -> their serialised examples [n]."""
+
+    def read(records: tf.Tensor) -> tf.Tensor:
+        return tf.constant(dataset_format.read_records(index, records.numpy()), tf.string)
+
+    def read_op(records: tf.Tensor) -> tf.Tensor:
+        out = tf.py_function(read, [records], tf.string)
+        out.set_shape([None])
+        return out
+
+    return read_op
+
+
+def _with_seed(seed: int):
+    """Adds the augmentation seed of the example at global `position`."""
+    base = tf.constant([seed, 0], tf.int64)
+
+    def add(position: tf.Tensor, example: dict) -> dict:
+        return {**example, ops.SEED_KEY: tf.random.experimental.stateless_fold_in(base, position)}
 
     return add
 
@@ -84,55 +132,70 @@ def make_train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
-    shuffle_buffer: int = 1000,
+    start_position: int = 0,
     num_parallel_calls: int = tf.data.AUTOTUNE,
     prefetch: int = 2,
     study_videos: int | None = None,
 ) -> tf.data.Dataset:
     """An infinite, shuffled stream of this process's batches of `batch_size` examples.
 
-    Video-level (default): one example per video. The process reads its part
-    of the split, files in a seeded order, through a seeded shuffle buffer
-    that reshuffles every epoch; example k of the stream gets the augmentation
-    seed fold_in((seed, process_index), k). The same seed gives the same
-    batches; the ops run with ``train=True`` and ``data_dir`` in their context.
+    The stream is a function of (seed, position) alone: global position g is
+    epoch g // U's unit number g % U in a seeded random order of the split's U
+    units (videos, or studies with `study_videos`), read by random access
+    (``dataset_format.record_index``), with augmentation seed fold_in(seed, g).
+    Each global batch is G = batch_size * process_count consecutive positions,
+    process p taking its p-th run of `batch_size` (``_stream_positions``), so
+    the global batch at a step is the same examples for any number of
+    processes, and `start_position` (a multiple of G: ``TrainIterator``
+    keeps it) resumes the stream exactly. The ops run with ``train=True`` and
+    ``data_dir`` in their context.
 
     Study-level (``study_videos=N``): one example per study, every key of the pp
     output stacked to [N, ...] plus ``video_mask`` [N] bool. A study with fewer
     than N videos fills the remaining slots with copies of its videos marked
     False in ``video_mask`` (real videos come first, so slot 0 is always real);
     one with more contributes a random subset of N (seeded, in view order).
-    Study-level fields (report, text ids, labels) repeat in every slot. A study
-    belongs to the process whose part holds its first video, so studies are
-    never split across processes; a study's files are read in order, so
-    shuffling relies on the shuffle buffer (of studies).
-
-    Iterate with ``InputIterator`` to save and restore the position.
+    Study-level fields (report, text ids, labels) repeat in every slot.
     """
     _check_process(process_index, process_count)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if study_videos is not None and study_videos <= 0:
         raise ValueError(f"study_videos must be positive or None, got {study_videos}")
+    if start_position < 0:
+        raise ValueError(f"start_position must be >= 0, got {start_position}")
     preprocess = ops.get_preprocess_fn(pp, train=True, data_dir=data_dir)
-    base_seed = tf.constant([seed, process_index], tf.int64)
+    index = dataset_format.record_index(data_dir, split)
+    features = dataset_format.builder(data_dir).info.features
+    decoders = {"frames": tfds.decode.SkipDecoding()}
+    read = _record_reader(index)
 
+    def parse(serialized: tf.Tensor) -> dict:
+        return features.deserialize_example(serialized, decoders=decoders)
+
+    positions = _stream_positions(start_position, batch_size, process_index, process_count)
     if study_videos is None:
-        ds = dataset_format.read_split(
-            data_dir,
-            split,
-            process_index=process_index,
-            process_count=process_count,
-            shuffle_files=True,
-            seed=seed,
-        )
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = ds.enumerate().map(_with_seed(base_seed))
+        num_units = index.num_records
+
+        def read_video(position: tf.Tensor) -> tuple[tf.Tensor, dict]:
+            record = _unit_at(position, seed, num_units)
+            return position, parse(read(record[None])[0])
+
+        ds = positions.map(read_video, num_parallel_calls=num_parallel_calls, deterministic=True)
+        ds = ds.map(_with_seed(seed))
         ds = ds.map(preprocess, num_parallel_calls=num_parallel_calls, deterministic=True)
     else:
-        ds = _read_studies(data_dir, split, process_index, process_count)
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = ds.enumerate().map(_with_seed(base_seed))
+        num_units = index.num_studies
+        study_start = tf.constant(index.study_start, tf.int64)
+
+        def study_videos_at(position: tf.Tensor) -> tf.data.Dataset:
+            study = _unit_at(position, seed, num_units)
+            records = tf.range(study_start[study], study_start[study + 1])
+            videos = tf.data.Dataset.from_tensor_slices(read(records)).map(parse)
+            return videos.map(lambda video: {**video, _POSITION_KEY: position})
+
+        ds = _group_studies(positions.flat_map(study_videos_at))
+        ds = ds.map(_study_seed(seed))
         ds = ds.map(_select_videos(study_videos), num_parallel_calls=num_parallel_calls)
         ds = ds.unbatch().map(
             _study_slot_preprocess(preprocess),
@@ -142,6 +205,21 @@ def make_train_dataset(
         ds = ds.batch(study_videos, drop_remainder=True)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
     return ds.with_options(_options())
+
+
+_POSITION_KEY = "_position"
+
+
+def _study_seed(seed: int):
+    """A study example (its videos' fields stacked) -> its augmentation seed from the
+    global position its videos carry."""
+    add = _with_seed(seed)
+
+    def with_seed(study: dict) -> dict:
+        position = study.pop(_POSITION_KEY)[0]
+        return add(position, study)
+
+    return with_seed
 
 
 def _read_studies(
@@ -409,20 +487,10 @@ def _padding_example(element_spec: dict) -> dict:
 
 
 class InputIterator:
-    """Iterates a dataset as numpy batches; its position can be saved and restored.
-
-    Uses tf.data iterator checkpointing, so a restored iterator continues with
-    exactly the batches the saved one would have produced. The state holds the
-    shuffle buffer (encoded examples: about ``shuffle_buffer`` times an
-    example's size on disk) and the batches already prepared (``prefetch`` and
-    the parallel map's). TF's symbolic checkpointing would leave the latter out,
-    but restoring it hangs in the tfds reader (TF 2.21), so it is not used.
-    Each process saves its own state (give each a path of its own).
-    """
+    """Iterates a dataset as numpy batches."""
 
     def __init__(self, dataset: tf.data.Dataset):
         self._iterator = iter(dataset)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
 
     def __iter__(self) -> InputIterator:
         return self
@@ -430,17 +498,110 @@ class InputIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
 
-    def save(self, path: str) -> str:
-        """Writes the position to `path` (a file prefix); returns the prefix."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return self._checkpoint.write(path)
 
-    def restore(self, path: str) -> None:
-        """Moves to the position saved at `path` (the iterator must come from the same
-        dataset definition)."""
-        if not tf.io.gfile.exists(path + ".index"):
-            raise FileNotFoundError(f"no input iterator state at {path} ({path}.index missing)")
-        self._checkpoint.read(path).assert_consumed()
+POSITION_FILE = "position.json"
+
+
+class TrainIterator:
+    """The training stream (``make_train_dataset``) as numpy batches, with its position.
+
+    The position is the global stream position of the next batch: a few integers
+    (``state``), the same in every process. ``save`` writes them (process 0) and
+    ``restore`` rebuilds the stream there, so a resumed run sees exactly the
+    batches the saved one would have, with any number of processes (each then
+    reads its own part of the same global batches) and any batch size.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        split: str,
+        pp: str,
+        batch_size: int,
+        *,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        study_videos: int | None = None,
+        batch_map: Callable[[dict], dict] | None = None,
+        **dataset_kwargs,
+    ):
+        """The arguments of ``make_train_dataset``; `batch_map`, a function of each
+        batch applied in the dataset."""
+        make = functools.partial(
+            make_train_dataset,
+            data_dir,
+            split,
+            pp,
+            batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            study_videos=study_videos,
+            **dataset_kwargs,
+        )
+        self._make = lambda start_position: (
+            make(start_position=start_position).map(batch_map)
+            if batch_map
+            else make(start_position=start_position)
+        )
+        self.global_batch = batch_size * process_count
+        index = dataset_format.record_index(data_dir, split)
+        self._identity = {
+            "seed": int(seed),
+            "split": split,
+            "units": "studies" if study_videos else "videos",
+            "num_units": index.num_studies if study_videos else index.num_records,
+        }
+        self._process_index = process_index
+        self.position = 0
+        dataset = self._make(0)
+        self.element_spec = dataset.element_spec
+        self._iterator = iter(dataset)
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+        self.position += self.global_batch
+        return batch
+
+    def state(self) -> dict:
+        """What `restore` needs: the position of the next batch and what the stream is
+        of (seed, split, units and their number)."""
+        return {"position": self.position, **self._identity}
+
+    def save(self, directory: str) -> None:
+        """Writes `state` as ``directory/position.json`` (process 0; the others' is the same)."""
+        if self._process_index == 0:
+            tf.io.gfile.makedirs(directory)
+            with tf.io.gfile.GFile(os.path.join(directory, POSITION_FILE), "w") as f:
+                f.write(json.dumps(self.state()))
+
+    def restore(self, directory: str) -> None:
+        """Continues from the position saved in `directory`."""
+        path = os.path.join(directory, POSITION_FILE)
+        if not tf.io.gfile.exists(path):
+            found = sorted(tf.io.gfile.listdir(directory)) if tf.io.gfile.isdir(directory) else []
+            raise FileNotFoundError(
+                f"{path} not found (found {found}): a checkpoint from before data positions "
+                "(it saved tf.data's iterator instead) cannot resume its data stream; start "
+                "a new run from it with config.init"
+            )
+        with tf.io.gfile.GFile(path) as f:
+            saved = json.loads(f.read())
+        changed = {
+            k: (saved.get(k), v) for k, v in self._identity.items() if saved.get(k) != v
+        }
+        if changed:
+            raise ValueError(
+                f"{path}: the data stream changed since it was saved ({changed}, as "
+                "(saved, now)): the saved position means other examples now"
+            )
+        position = int(saved["position"])
+        self.position = position
+        self._iterator = iter(self._make(position))
 
 
 def global_batch(

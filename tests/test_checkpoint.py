@@ -37,7 +37,7 @@ class TrainState:
 
 
 class CountingIterator:
-    """A stand-in for pipeline.InputIterator: yields 0, 1, 2...; saves its position to a file."""
+    """A stand-in for pipeline.TrainIterator: yields 0, 1, 2...; saves its position to a file."""
 
     def __init__(self, position: int = 0):
         self.position = position
@@ -46,14 +46,13 @@ class CountingIterator:
         self.position += 1
         return self.position - 1
 
-    def save(self, path: str) -> str:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".json", "w") as f:
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "position.json"), "w") as f:
             json.dump({"position": self.position}, f)
-        return path
 
-    def restore(self, path: str) -> None:
-        with open(path + ".json") as f:
+    def restore(self, directory: str) -> None:
+        with open(os.path.join(directory, "position.json")) as f:
             self.position = json.load(f)["position"]
 
 

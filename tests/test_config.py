@@ -236,7 +236,7 @@ def micro_config(cache_dir: str) -> ml_collections.ConfigDict:
     config.log_training_steps = 1
     config.input.synthetic.update(SYNTHETIC, cache_dir=cache_dir)
     # caption_max_len: room for a referring expression of this tiny set's tokenizer.
-    config.input.update(batch_size=8, text_max_len=32, caption_max_len=48, shuffle_buffer=16)
+    config.input.update(batch_size=8, text_max_len=32, caption_max_len=48)
     config.model.location_bins = 16
     config.input.video_pp = (
         "decode_sample_frames(4, stride=2, train=True)|random_resized_crop(32)|value_range(-1, 1)"

@@ -47,7 +47,6 @@ DEMO_FLAGS = " ".join(
         "--config.ckpt_steps=2",
         "--config.log_training_steps=2",
         "--config.input.batch_size=8",
-        "--config.input.shuffle_buffer=16",
         "--config.input.caption_max_len=48",
         "--config.input.text_max_len=48",
     )
@@ -178,7 +177,6 @@ def _train_on_your_data(user) -> subprocess.CompletedProcess:
         ".venv/bin/python launch.py --config configs/multitask.py:runlocal,data=data/prepared "
         "--workdir runs/mine --config.model.dtype=bfloat16 --config.total_steps=1 "
         "--config.input.batch_size=8 --config.optim.schedule.warmup_steps=0 --config.evals='{}' "
-        "--config.input.shuffle_buffer=16",
     )
 
 

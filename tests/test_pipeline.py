@@ -4,9 +4,12 @@ The dataset: 8 studies of 1-3 videos (15 videos, 10-20 frames of 32x32, fps 15
 or 30), shards of at most 4 videos, a SentencePiece model trained on the reports.
 """
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from deepcoro_jax.domain.tokenizers import get_tokenizer, train_sentencepiece
 from input_pipeline import dataset_format, pipeline
@@ -112,16 +115,52 @@ def test_same_seed_same_stream_other_seed_other_stream_and_epochs_reshuffle(data
     assert not np.array_equal(rows[:15], rows[15:])
 
 
-def test_process_parts_are_disjoint_and_cover_the_split(dataset):
-    sizes = pipeline._part_sizes(dataset["dir"], "train", 3)
-    parts = []
-    for index, size in enumerate(sizes):
+@pytest.mark.parametrize("study_videos", [None, 3])
+def test_processes_read_their_parts_of_the_same_global_batches(dataset, study_videos):
+    """Process p of P takes the p-th run of each global batch: their batches side by side
+    are one process's batches of P times the size (an epoch of units each once)."""
+
+    def batches(batch_size, process_index=0, process_count=1, count=5):
         ds = pipeline.make_train_dataset(
-            dataset["dir"], "train", "keep('row')", 1, seed=0, process_index=index, process_count=3
+            dataset["dir"], "train", "keep('row', 'study_index')", batch_size, seed=3,
+            process_index=process_index, process_count=process_count, study_videos=study_videos,
         )
-        parts.append({int(b["row"][0]) for b in _batches(ds, size)})
-        assert len(parts[-1]) == size
-    assert set().union(*parts) == set(range(15)) and sum(sizes) == 15
+        return _batches(ds, count)
+
+    alone = batches(6)
+    parts = [batches(2, i, 3) for i in range(3)]
+    for step, whole in enumerate(alone):
+        for key in whole:
+            np.testing.assert_array_equal(
+                whole[key], np.concatenate([part[step][key] for part in parts]), err_msg=key
+            )
+    units = 8 if study_videos else 15
+    key = "study_index" if study_videos else "row"
+    first = np.concatenate([b[key] for b in alone])[:units]
+    if study_videos:
+        first = first[:, 0]
+    assert sorted(first.tolist()) == list(range(units))
+
+
+def test_record_index_reads_what_tfds_reads(dataset, tmp_path):
+    """Random access by the stored index, and by the index rebuilt from the shards,
+    gives every record exactly as the TFDS reader does."""
+    index = dataset_format.record_index(dataset["dir"], "train")
+    assert index.num_records == 15 and index.num_studies == 8
+    np.testing.assert_array_equal(
+        index.study_start, np.cumsum([0] + [len(rows) for rows in dataset["studies"]])
+    )
+    scanned_dir = tmp_path / "without_index"
+    shutil.copytree(dataset["dir"], scanned_dir)
+    (scanned_dir / dataset_format.RECORD_INDEX_FILE.format(split="train")).unlink()
+    scanned = dataset_format.record_index(str(scanned_dir), "train")
+    for field in ("shard", "offset", "length", "study_start"):
+        np.testing.assert_array_equal(getattr(scanned, field), getattr(index, field), field)
+    records = dataset_format.read_records(index, np.arange(15))
+    tfds_records = [
+        r.numpy() for path in index.paths for r in tf.data.TFRecordDataset(path)
+    ]
+    assert records == tfds_records
 
 
 def test_eval_covers_every_example_once_in_order_with_equal_batch_counts(dataset):
@@ -175,36 +214,6 @@ def test_study_batches_hold_one_study_each_with_the_right_video_mask(dataset):
     assert sorted(seen[:8]) == sorted(seen[8:]) == list(range(8))
 
 
-def test_study_parts_hold_whole_studies_disjointly(dataset):
-    sizes = pipeline._part_sizes(dataset["dir"], "train", 3)
-    bounds = np.cumsum([0, *sizes])
-    owned = []
-    for index in range(3):
-        expected = {
-            s
-            for s, rows in enumerate(dataset["studies"])
-            if bounds[index] <= rows[0] < bounds[index + 1]
-        }
-        ds = pipeline.make_train_dataset(
-            dataset["dir"],
-            "train",
-            "keep('row', 'study_index')",
-            1,
-            seed=0,
-            process_index=index,
-            process_count=3,
-            study_videos=3,
-        )
-        batches = _batches(ds, len(expected))
-        got = {int(b["study_index"][0, 0]) for b in batches}
-        assert got == expected
-        for b in batches:
-            study = dataset["studies"][int(b["study_index"][0, 0])]
-            assert sorted(b["row"][0][b["video_mask"][0]].tolist()) == study
-        owned.append(got)
-    assert set().union(*owned) == set(range(8)) and sum(map(len, owned)) == 8
-
-
 @pytest.mark.parametrize("process_count", [1, 3])
 def test_study_eval_covers_every_study_once_in_equal_batches(dataset, process_count):
     """Each study once over the processes, its first 2 videos' clips (in view order,
@@ -238,27 +247,8 @@ def test_study_eval_covers_every_study_once_in_equal_batches(dataset, process_co
     assert len(batch_counts) == 1
 
 
-@pytest.mark.parametrize("study_videos", [None, 2])
-def test_restored_iterator_continues_the_exact_stream(dataset, tmp_path, study_videos):
-    def make():
-        return pipeline.make_train_dataset(
-            dataset["dir"],
-            "train",
-            RESTORE_PP,
-            3,
-            seed=5,
-            shuffle_buffer=6,
-            study_videos=study_videos,
-        )
-
-    iterator = pipeline.InputIterator(make())
-    for _ in range(4):
-        next(iterator)
-    prefix = iterator.save(str(tmp_path / "data_state" / "process_0"))
-    expected = [next(iterator) for _ in range(4)]
-    restored = pipeline.InputIterator(make())
-    restored.restore(prefix)
-    for a, b in zip(expected, [next(restored) for _ in range(4)], strict=True):
+def _assert_same_batches(expected, got):
+    for a, b in zip(expected, got, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             if np.issubdtype(a[key].dtype, np.floating):
@@ -268,7 +258,45 @@ def test_restored_iterator_continues_the_exact_stream(dataset, tmp_path, study_v
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-4, err_msg=key)
             else:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    with pytest.raises(FileNotFoundError, match="no input iterator state"):
+
+
+@pytest.mark.parametrize("study_videos", [None, 2])
+def test_restored_iterator_continues_the_exact_stream(dataset, tmp_path, study_videos):
+    """Saved after 4 batches of 6 by one process, restored by one process or by two (each
+    reading 3 of every 6): the same next batches. The saved position is a few bytes."""
+
+    def make(batch_size=6, process_index=0, process_count=1, seed=5):
+        return pipeline.TrainIterator(
+            dataset["dir"], "train", RESTORE_PP, batch_size, seed=seed,
+            process_index=process_index, process_count=process_count, study_videos=study_videos,
+        )
+
+    iterator = make()
+    for _ in range(4):
+        next(iterator)
+    saved = tmp_path / "data"
+    iterator.save(str(saved))
+    assert (saved / pipeline.POSITION_FILE).stat().st_size < 1024
+    assert iterator.state()["position"] == 24
+    expected = [next(iterator) for _ in range(3)]
+
+    restored = make()
+    restored.restore(str(saved))
+    _assert_same_batches(expected, [next(restored) for _ in range(3)])
+
+    two = [make(3, i, 2) for i in range(2)]
+    for part in two:
+        part.restore(str(saved))
+    halves = [[next(part) for _ in range(3)] for part in two]
+    joined = [
+        {k: np.concatenate([halves[0][step][k], halves[1][step][k]]) for k in halves[0][step]}
+        for step in range(3)
+    ]
+    _assert_same_batches(expected, joined)
+
+    with pytest.raises(ValueError, match="the data stream changed.*'seed': \\(5, 6\\)"):
+        make(seed=6).restore(str(saved))
+    with pytest.raises(FileNotFoundError, match="cannot resume its data stream"):
         restored.restore(str(tmp_path / "missing"))
 
 

@@ -134,8 +134,7 @@ def test_lesions_come_through_the_training_pipeline(synthetic_prepared):
     """make_train_dataset reads "lesions" as read_split does, K = 0 included."""
     data_dir = str(synthetic_prepared["out"])
     by_row = {int(ex["row"]): ex["lesions"] for ex in _examples(data_dir).values()}
-    ds = pipeline.make_train_dataset(data_dir, "train", "keep('row', 'lesions')", 1, seed=0,
-                                     shuffle_buffer=1)
+    ds = pipeline.make_train_dataset(data_dir, "train", "keep('row', 'lesions')", 1, seed=0)
     counts = set()
     for batch in ds.take(len(by_row)).as_numpy_iterator():
         expected = by_row[int(batch["row"][0])]

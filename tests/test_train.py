@@ -52,7 +52,6 @@ def get_config(arg=None):
     config.log_training_steps = 1
     config.input.synthetic.update({SYNTHETIC})
     config.input.batch_size = 8
-    config.input.shuffle_buffer = 16  # filling the recipe's 200 costs seconds per launch
     config.input.text_max_len = 32
     config.input.caption_max_len = 32
     config.input.video_pp = "{VIDEO_PP}"
@@ -205,7 +204,7 @@ import runpy, sys
 import numpy as np
 from input_pipeline import pipeline
 
-original_next = pipeline.InputIterator.__next__
+original_next = pipeline.TrainIterator.__next__
 served = []
 
 def poisoned_next(self):
@@ -215,7 +214,7 @@ def poisoned_next(self):
         batch["video"] = np.full_like(batch["video"], np.nan)
     return batch
 
-pipeline.InputIterator.__next__ = poisoned_next
+pipeline.TrainIterator.__next__ = poisoned_next
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -514,8 +513,9 @@ def test_data_parallel_and_fsdp_match_one_device(setup, runs, reference, name):
 
 
 @pytest.mark.slow
-def test_two_processes_agree(setup, runs):
-    """Two launch.py processes of 2 CPU devices each, jax.distributed over localhost."""
+def test_two_processes_agree(setup, runs, reference):
+    """Two launch.py processes of 2 CPU devices each, jax.distributed over localhost: they
+    train on the global batches of one process, so their losses are the reference's."""
     losses = []
     for i in range(2):
         out = _succeeded(runs[f"process_{i}"])
@@ -526,6 +526,11 @@ def test_two_processes_agree(setup, runs):
     workdir = setup["root"] / "two_processes"
     metrics = _metrics(workdir)
     np.testing.assert_allclose([metrics[s]["loss"] for s in (1, 2, 3)], losses[0], atol=1e-6)
+    expected = _metrics(reference[0])
+    for step in (1, 2, 3):
+        for key in LOSS_KEYS:
+            np.testing.assert_allclose(metrics[step][key], expected[step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")
     # Each process embedded its own part of the split; together, every video once.
     from input_pipeline import data_cache, dataset_format
 
@@ -534,6 +539,22 @@ def test_two_processes_agree(setup, runs):
     )
     videos = dataset_format.num_examples(prepared, "train")
     assert metrics[3]["train_retrieval/v2t_num_queries"] == videos
-    data_files = sorted(p.name for p in (workdir / "checkpoints" / "3" / "data").iterdir())
+    data = workdir / "checkpoints" / "3" / "data"
+    assert [p.name for p in data.iterdir() if p.name != "commit_success.txt"] == ["position.json"]
+    assert (data / "position.json").stat().st_size < 1024
+    assert json.loads((data / "position.json").read_text())["position"] == 3 * 8
+
+
+@pytest.mark.slow
+def test_one_process_resumes_what_two_processes_saved(setup, runs, reference):
+    """The two-process run's checkpoint continued by one process: the reference's steps."""
     for i in range(2):
-        assert any(name.startswith(f"process_{i}-of-2") for name in data_files), data_files
+        _succeeded(runs[f"process_{i}"])
+    workdir = setup["root"] / "two_processes"
+    _succeeded(_start(setup, workdir, {"total_steps": 5}))
+    metrics, expected = _metrics(workdir), _metrics(reference[0])
+    assert sorted(metrics) == [1, 2, 3, 4, 5]
+    for step in (4, 5):
+        for key in LOSS_KEYS:
+            np.testing.assert_allclose(metrics[step][key], expected[step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")

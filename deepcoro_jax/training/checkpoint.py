@@ -5,10 +5,10 @@ directory (``workdir/checkpoints``). Each step folder holds three items:
 
     state/    the whole train state pytree (params, optimizer state, EMA teacher,
               step, RNG), one tensorstore array per leaf, written asynchronously;
-    data/     the input iterator's position: every process calls the iterator's
-              own ``save(path)`` with a file prefix of its own
-              (``process_<i>-of-<n>``), synchronously, so the position is the one
-              at the moment of the save;
+    data/     the input stream's position (a few integers, the same in every
+              process): the iterator's own ``save(directory)``, called by every
+              process synchronously, so the position is the one at the moment of
+              the save; any number of processes can restore it;
     metrics   JSON, when a best metric is tracked (written by orbax itself).
 
 Retention is one orbax preservation policy, ``AnyPreservationPolicy`` of
@@ -54,35 +54,24 @@ BEST_MODES = ("max", "min")
 
 
 class DataIterator(Protocol):
-    """What the checkpoint needs of an input iterator (`input_pipeline.pipeline.InputIterator`)."""
+    """What the checkpoint needs of an input iterator (`input_pipeline.pipeline.TrainIterator`)."""
 
-    def save(self, path: str) -> Any:
-        """Writes the position to files starting with `path` (a prefix)."""
+    def save(self, directory: str) -> Any:
+        """Writes the position into `directory`."""
 
-    def restore(self, path: str) -> None:
-        """Moves to the position saved at `path`."""
-
-
-def _process_prefix() -> str:
-    return f"process_{jax.process_index()}-of-{jax.process_count()}"
+    def restore(self, directory: str) -> None:
+        """Moves to the position saved in `directory`."""
 
 
 class _DataIteratorHandler(ocp.CheckpointHandler):
-    """Saves/restores a `DataIterator` position, one file prefix per process."""
+    """Saves/restores a `DataIterator` position in the item's directory."""
 
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        args.iterator.save(os.fspath(directory / _process_prefix()))
+        args.iterator.save(os.fspath(directory))
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> DataIterator:
-        prefix = _process_prefix()
-        saved = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-        if not any(name.startswith(prefix) for name in saved):
-            raise FileNotFoundError(
-                f"{directory} holds no data position for {prefix} (found {saved}): the "
-                "checkpoint was written by a different number of processes"
-            )
-        args.iterator.restore(os.fspath(directory / prefix))
+        args.iterator.restore(os.fspath(directory))
         return args.iterator
 
 

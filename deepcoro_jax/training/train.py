@@ -262,7 +262,7 @@ class Input:
     caption_spec: str  # the tokenizers' specs (tokenizers.get_tokenizer)
     text_spec: str
     kept_assets: bool  # the tokenizers are the workdir's copies (a resumed run)
-    train_iter: Any  # pipeline.InputIterator: checkpointed with the state
+    train_iter: Any  # pipeline.TrainIterator: its position is checkpointed with the state
     example_batch: dict[str, jax.ShapeDtypeStruct]  # one example (batch dimension 1)
     global_batch: int
     videos_per_example: int  # 1, or a study's video slots
@@ -307,7 +307,7 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
         + ("|findings_id()" if findings else "")
         + f"|keep({', '.join(repr(k) for k in keys + ['findings_id'] * findings)})"
     )
-    train_ds = pipeline.make_train_dataset(
+    train_iter = pipeline.TrainIterator(
         data_dir,
         config.input.split,
         pp,
@@ -315,19 +315,17 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        shuffle_buffer=config.input.shuffle_buffer,
         study_videos=config.input.study_videos,
-    )
-    if studies:
         # The report's fields repeat in every video slot of a study: keep one.
-        train_ds = train_ds.map(
+        batch_map=(
             lambda b: {
                 k: v if k in ("video", pipeline.VIDEO_MASK_KEY) else v[:, 0] for k, v in b.items()
             }
-        )
+        ) if studies else None,
+    )
     example_batch = {
         k: jax.ShapeDtypeStruct((1, *s.shape[1:]), s.dtype.as_numpy_dtype)
-        for k, s in train_ds.element_spec.items()
+        for k, s in train_iter.element_spec.items()
     }
     pipeline.check_video_shape(example_batch["video"].shape, config)
 
@@ -349,7 +347,7 @@ def set_up_input(config: ml_collections.ConfigDict, workdir: str, resuming: bool
         caption_spec=caption_spec,
         text_spec=text_spec,
         kept_assets=bool(kept),
-        train_iter=pipeline.InputIterator(train_ds),
+        train_iter=train_iter,
         example_batch=example_batch,
         global_batch=global_batch,
         videos_per_example=example_batch["video"].shape[1] if studies else 1,
