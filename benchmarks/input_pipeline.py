@@ -113,8 +113,7 @@ def measure_pipeline(
     data_dir: str, pp: str, clips: int, batch_size: int, seed: int
 ) -> tuple[float, float]:
     """(clips per wall-second, clips per CPU-second) of the training pipeline with `pp`."""
-    ds = pipeline.make_train_dataset(data_dir, "train", pp, batch_size, seed=seed)
-    iterator = pipeline.InputIterator(ds)
+    iterator = pipeline.TrainIterator(data_dir, "train", pp, batch_size, seed=seed)
     for _ in range(3):  # warm-up: tracing, autotuning, filling the buffers
         batch = next(iterator)
     assert batch["video"].shape == (batch_size, CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, 1)

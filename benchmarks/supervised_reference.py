@@ -106,10 +106,9 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f"{data_dir} has no label column {_LABEL.value!r}")
     train_pp = f"{config.input.video_pp}|flatten_labels|keep('video', '{label_key}')"
     eval_pp = f"{config.input.eval_video_pp}|keep('video', 'row')"
-    train = pipeline.make_train_dataset(data_dir, "train", train_pp, _BATCH.value,
-                                        seed=_SEED.value)
+    train = pipeline.TrainIterator(data_dir, "train", train_pp, _BATCH.value, seed=_SEED.value)
     model = Classifier(encoder_of(config))
-    example = next(iter(train.as_numpy_iterator()))
+    example = next(train)
     params = model.init(jax.random.key(_SEED.value), example["video"][:1], train=False)["params"]
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, _LR.value, 50), optax.constant_schedule(_LR.value)], [50])
@@ -148,7 +147,7 @@ def main(argv: Sequence[str]) -> None:
     rng = jax.random.key(_SEED.value + 1)
     start = time.monotonic()
     next_eval, steps, losses, best = _EVAL_SECONDS.value, 0, [], None
-    for batch in train.as_numpy_iterator():
+    for batch in train:
         rng, step_rng = jax.random.split(rng)
         params, opt_state, loss = step(params, opt_state, batch["video"],
                                        batch[label_key].astype(np.float32), step_rng)

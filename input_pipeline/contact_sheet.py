@@ -83,7 +83,7 @@ def _contact_sheet(config, out: str) -> None:
     data_dir = data_cache.resolve_data_dir(config.input)
     batch_size = config.input.batch_size
     pp = f"{config.input.video_pp}|keep('video', 'frame_mask', 'report')"
-    ds = pipeline.make_train_dataset(
+    stream = pipeline.TrainIterator(
         data_dir,
         config.input.split,
         pp,
@@ -93,9 +93,10 @@ def _contact_sheet(config, out: str) -> None:
     num_examples = dataset_format.num_examples(data_dir, config.input.split)
     num_batches = max(1, num_examples // batch_size)
     start = time.perf_counter()
-    first = None
-    for batch in ds.take(num_batches).as_numpy_iterator():
-        first = batch if first is None else first
+    first = next(stream)
+    for _ in range(num_batches - 1):
+        next(stream)
+    stream.close()
     seconds = time.perf_counter() - start
     clips = num_batches * batch_size
     print(

@@ -18,10 +18,12 @@ Not here: preprocessing ops (``ops.py``), the on-disk format
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -156,6 +158,10 @@ def make_train_dataset(
     False in ``video_mask`` (real videos come first, so slot 0 is always real);
     one with more contributes a random subset of N (seeded, in view order).
     Study-level fields (report, text ids, labels) repeat in every slot.
+
+    Records are read by Python (``tf.py_function``): an iterator of this dataset
+    must be deleted before the interpreter exits (tf.data threads reading while
+    it shuts down abort the process). ``TrainIterator`` does that for you.
     """
     _check_process(process_index, process_count)
     if batch_size <= 0:
@@ -502,6 +508,12 @@ class InputIterator:
 POSITION_FILE = "position.json"
 
 
+def _close_at_exit(iterator_ref: weakref.ref) -> None:
+    iterator = iterator_ref()
+    if iterator is not None:
+        iterator.close()
+
+
 class TrainIterator:
     """The training stream (``make_train_dataset``) as numpy batches, with its position.
 
@@ -555,17 +567,26 @@ class TrainIterator:
         }
         self._process_index = process_index
         self.position = 0
-        dataset = self._make(0)
-        self.element_spec = dataset.element_spec
-        self._iterator = iter(dataset)
+        self.element_spec = self._make(0).element_spec
+        # Made at the first batch, from the position restored by then: an iterator is
+        # never replaced while its readers are busy.
+        self._iterator = None
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = iter(self._make(self.position))
         batch = tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
         self.position += self.global_batch
         return batch
+
+    def close(self) -> None:
+        """Stops the stream's readers. Called at exit too: tf.data threads still running
+        Python record reads when the interpreter shuts down can abort the process."""
+        self._iterator = None
 
     def state(self) -> dict:
         """What `restore` needs: the position of the next batch and what the stream is
@@ -599,9 +620,8 @@ class TrainIterator:
                 f"{path}: the data stream changed since it was saved ({changed}, as "
                 "(saved, now)): the saved position means other examples now"
             )
-        position = int(saved["position"])
-        self.position = position
-        self._iterator = iter(self._make(position))
+        self.position = int(saved["position"])
+        self._iterator = None  # the next batch starts a stream there
 
 
 def global_batch(

@@ -568,6 +568,7 @@ def train_loop(
                     "stop requested: saved step %d in %s, exiting", step, ckpt.directory
                 )
                 break
+    train_iter.close()  # its reader threads stop now, not at interpreter exit
     logging.info("trained steps %d..%d", first_step, step)
     return {**last, **evaluated}
 
