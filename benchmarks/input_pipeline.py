@@ -17,7 +17,8 @@ videos:
    ``train_pipeline_clips_per_s/<fmt>`` (wall clock, all cores) and
    ``train_pipeline_clips_per_core_s/<fmt>`` (clips per CPU-second). The same
    with the optional rotation/scale jitter op added (``ROTATION_PP``):
-   ``train_pipeline_with_rotation_clips_per_core_s/<fmt>``.
+   ``train_pipeline_with_rotation_clips_per_core_s/<fmt>``. And the recipe's own
+   train pp (``default_recipe_pp``): ``default_recipe_clips_per_core_s/<fmt>``.
 4. The PyTorch reference's loader method, in this process: decode the whole
    AVI with PyAV (straight to grayscale), resize every frame to 224x224 (PIL
    bilinear; OpenCV is not installed), then take 16 frames 2 apart from a
@@ -62,6 +63,15 @@ TRAIN_PP = (
     " 'caption_mask')"
 )
 ROTATION_PP = TRAIN_PP.replace("|intensity_jitter()", "|scale_rotate_jitter()|intensity_jitter()")
+
+
+def default_recipe_pp() -> str:
+    """The recipe's own train pp (configs/multitask.py: 16 frames of 224 px with its
+    crop, zoom, rotation and intensity jitter) with TRAIN_PP's tokenisation."""
+    from configs import multitask
+
+    video_pp = multitask.get_config().input.video_pp
+    return video_pp + TRAIN_PP[TRAIN_PP.index("|tokenize(") :]
 
 
 def emit(name: str, value: float, unit: str) -> None:
@@ -164,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         paths = avi_paths(manifest)
         log(f"wrote {len(paths)} AVI videos in {time.perf_counter() - start:.0f}s")
 
-        per_core = {}
+        per_core, recipe = {}, {}
         for frame_format in frame_formats:
             data_dir = os.path.join(workdir, f"prepared_{frame_format}")
             start = time.perf_counter()
@@ -197,12 +207,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rotation_rate,
                 "clips/s/core",
             )
+            _, recipe_rate = measure_pipeline(
+                data_dir, default_recipe_pp(), args.clips, args.batch_size, args.seed
+            )
+            emit(f"default_recipe_clips_per_core_s/{frame_format}", recipe_rate, "clips/s/core")
+            recipe[frame_format] = recipe_rate
 
         reference_rate = measure_reference(paths, args.reference_clips, args.seed)
         emit("reference_loader_clips_per_core_s", reference_rate, "clips/s/core")
         for frame_format, rate in per_core.items():
             emit(
                 f"pipeline_vs_reference_loader_per_core/{frame_format}", rate / reference_rate, "x"
+            )
+            emit(
+                f"default_recipe_vs_reference_loader_per_core/{frame_format}",
+                recipe[frame_format] / reference_rate,
+                "x",
+            )
+        # prepare's default shard format (PNG) with the recipe's pp: the headline.
+        default_format = prepare.DEFAULT_FRAME_FORMAT
+        if default_format in recipe:
+            emit("default_recipe_clips_per_core_s", recipe[default_format], "clips/s/core")
+            emit(
+                "default_recipe_vs_reference_loader_per_core",
+                recipe[default_format] / reference_rate,
+                "x",
             )
         emit(
             "pipeline_vs_reference_loader_per_core",

@@ -110,6 +110,7 @@ if TYPE_CHECKING:
 # run in the main process only: spawned workers re-import this module (as their
 # task's home, and as __main__ under `python -m`) and must stay free of it.
 
+DEFAULT_FRAME_FORMAT = "png"  # lossless; "jpeg" decodes about 4x faster (docs/data.md)
 DEFAULT_SPLITS = ("train", "val", "test")
 TRAIN_SPLIT = "train"
 REPORT_FILE = "prepare_report.json"
@@ -937,7 +938,7 @@ def prepare(
     max_frames: int | None = None,
     fps: float | None = None,
     min_frames: int = 8,
-    frame_format: str = "png",
+    frame_format: str = DEFAULT_FRAME_FORMAT,
     jpeg_quality: int = 95,
     label_columns: Sequence[str] = (),
     vocab: str | None = None,
@@ -1275,7 +1276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--min_frames", type=int, default=8, help="skip videos of fewer frames (a still image)"
     )
-    parser.add_argument("--frame_format", default="png", choices=("png", "jpeg"))
+    parser.add_argument(
+        "--frame_format", default=DEFAULT_FRAME_FORMAT, choices=("png", "jpeg")
+    )
     parser.add_argument("--jpeg_quality", type=int, default=95)
     parser.add_argument("--label_columns", type=_comma_list, default=[])
     parser.add_argument("--vocab", help="tokenizer spec (sp:FILE or wordpiece:DIR) to use")

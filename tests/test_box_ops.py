@@ -409,3 +409,120 @@ def test_zero_lesions_pass_through_every_op():
     out = _run(PP_ALL, example, train=True)
     assert out["lesions"]["box"].shape == (0, 4) and out["lesions"]["visible"].shape == (0,)
     assert out["video"].shape == (4, 24, 24, 1)
+
+
+# ------------------------------------------------- random_resized_crop with zoom and rotation
+
+FUSED_PP = "random_resized_crop((40, 48), scale=(0.5, 0.9), max_scale=0.3, max_degrees=30.0)"
+
+
+def _fused_draws(seed, height: int, width: int):
+    """The crop window (top, left, crop_h, crop_w), zoom and angle (radians) that
+    FUSED_PP draws as the first op of a pp string (op index 0, salts 0-5)."""
+    op_seed = tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), 0)
+
+    def salted(salt):
+        return tf.random.experimental.stateless_fold_in(op_seed, salt)
+
+    def uniform(salt, low, high):
+        return float(tf.random.stateless_uniform([], salted(salt), minval=low, maxval=high))
+
+    def randint(salt, maxval):
+        return int(tf.random.stateless_uniform([], salted(salt), 0, maxval, dtype=tf.int32))
+
+    area = height * width * uniform(0, 0.5, 0.9)
+    aspect = math.exp(uniform(1, math.log(3 / 4), math.log(4 / 3)))
+    crop_w = int(np.clip(np.round(np.float32(math.sqrt(area * aspect))), 1, width))
+    crop_h = int(np.clip(np.round(np.float32(math.sqrt(area / aspect))), 1, height))
+    top, left = randint(2, height - crop_h + 1), randint(3, width - crop_w + 1)
+    zoom = uniform(4, 0.7, 1.3)
+    angle = math.radians(uniform(5, -30.0, 30.0))
+    return (top, left, crop_h, crop_w), zoom, angle
+
+
+def _numpy_fused(frames: np.ndarray, window, zoom, angle, out_h, out_w) -> np.ndarray:
+    """An independent NumPy warp: output pixel centre p (continuous) -> rotated back
+    about the output centre c, q = c + R(-angle)(p - c) / zoom -> input continuous
+    coordinates top/left + q * crop / out -> bilinear at pixel centres, mirrored."""
+    top, left, crop_h, crop_w = window
+    height, width = frames.shape[1:3]
+    py, px = np.mgrid[0:out_h, 0:out_w] + 0.5
+    cx, cy = out_w / 2, out_h / 2
+    cos, sin = math.cos(angle), math.sin(angle)
+    qx = cx + (cos * (px - cx) + sin * (py - cy)) / zoom
+    qy = cy + (-sin * (px - cx) + cos * (py - cy)) / zoom
+    x = left + qx * crop_w / out_w - 0.5  # pixel-index coordinates
+    y = top + qy * crop_h / out_h - 0.5
+
+    def mirror(i, n):
+        i = np.mod(i, 2 * n)
+        return np.where(i >= n, 2 * n - 1 - i, i)
+
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = x - x0, y - y0
+    out = []
+    for frame in frames[..., 0].astype(np.float64):
+        def at(yy, xx, frame=frame):
+            return frame[mirror(yy, height), mirror(xx, width)]
+
+        top_row = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+        bottom_row = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+        out.append(top_row * (1 - fy) + bottom_row * fy)
+    return np.stack(out)[..., None]
+
+
+def test_fused_crop_zoom_rotation_equals_a_numpy_warp():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 50, 60, 1)).astype(np.uint8)
+    for s in range(6):
+        seed = [s, 7]
+        window, zoom, angle = _fused_draws(seed, 50, 60)
+        out = _run(FUSED_PP, {"video": frames}, seed=seed)["video"]
+        assert out.shape == (3, 40, 48, 1) and out.dtype == np.float32
+        expected = _numpy_fused(frames, window, zoom, angle, 40, 48)
+        # float32 coordinates: about 1e-5 px, times gradients of up to 255 per pixel.
+        np.testing.assert_allclose(out, expected, atol=1e-2, rtol=0)
+
+
+def test_fused_without_rotation_is_the_crop_and_resize_inside():
+    """Zoom 1 and angle 0 (a range of width 0 is not allowed; a tiny one is as good):
+    the crop and resize's pixels, except on the border rows and columns that the
+    resize clamps to the crop and the warp reads from beyond it."""
+    frames = np.random.default_rng(1).integers(0, 256, (2, 50, 60, 1)).astype(np.uint8)
+    plain = _run("random_resized_crop((40, 48), scale=(0.5, 0.9))", {"video": frames})["video"]
+    fused = _run("random_resized_crop((40, 48), scale=(0.5, 0.9), max_scale=1e-7, "
+                 "max_degrees=1e-7)", {"video": frames})["video"]
+    np.testing.assert_allclose(fused[:, 1:-1, 1:-1], plain[:, 1:-1, 1:-1], atol=1e-2, rtol=0)
+
+
+def test_fused_boxes_follow_the_window_then_the_rotation():
+    rects = np.array([[12, 20, 30, 38], [2, 3, 14, 15], [30, 44, 48, 58]])
+    marked = {"video": np.zeros([1, 50, 60, 1], np.uint8),
+              "lesions": _lesions(rects / np.array([50, 60, 50, 60]))}
+    outcomes = []
+    for s in range(10):
+        seed = [s, 2]
+        (top, left, crop_h, crop_w), zoom, angle = _fused_draws(seed, 50, 60)
+        out = _run(FUSED_PP, marked, seed=seed)["lesions"]
+        for rect, box, visible in zip(rects, out["box"], out["visible"], strict=True):
+            y0, x0, y1, x1 = rect
+            corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], np.float64)
+            in_crop = (corners - [left, top]) / [crop_w, crop_h] * [48, 40]  # output pixels
+            mapped = _forward(in_crop, zoom, angle, 40, 48)
+            (lo_x, lo_y), (hi_x, hi_y) = mapped.min(axis=0), mapped.max(axis=0)
+            bound = np.array([lo_y / 40, lo_x / 48, hi_y / 40, hi_x / 48])
+            clipped = np.clip(bound, 0, 1)
+            np.testing.assert_allclose(box, clipped, atol=2e-4, rtol=0)
+            area = (bound[2] - bound[0]) * (bound[3] - bound[1])
+            share = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]) / area
+            if abs(share - 0.5) > 1e-3:
+                assert visible == (share >= 0.5)
+                outcomes.append(bool(visible))
+    assert any(outcomes) and not all(outcomes)
+
+
+def test_fused_options_are_checked():
+    with pytest.raises(ValueError, match="antialias=True does not go with"):
+        ops.get_preprocess_fn("random_resized_crop(32, max_degrees=5.0, antialias=True)")
+    with pytest.raises(ValueError, match="max_degrees must be in"):
+        ops.get_preprocess_fn("random_resized_crop(32, max_degrees=50.0)")
