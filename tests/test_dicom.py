@@ -205,7 +205,8 @@ def test_prepare_with_fps_resamples_and_records_it(tmp_path):
     rows = [(name, "train", "Normal.") for name in ("cine.dcm", "clip.avi", "frames.npy")]
     manifest = _write_manifest(tmp_path / "m.csv", rows, ",", COLUMNS[:3])
     out = tmp_path / "out"
-    args = ["--manifest", manifest, "--out", str(out), "--workers", "0", "--size", "16"]
+    args = ["--manifest", manifest, "--out", str(out), "--workers", "0", "--size", "16",
+            "--frame_format", "png"]
     assert prepare.main([*args, "--vocab_size", "20", "--fps", "30"]) == 0
     assert dataset_format.load_meta(str(out)).fps == 30.0
     cine_example, clip_example = _read_back(out, "train")

@@ -74,8 +74,9 @@ EXPECTED_FAILED = {
 EXPECTED_ORDER = {"train": [0, 2, 6, 3, 4, 15], "val": [5], "test": [10, 14]}
 # The rows decoded, in the order they are written (failures included).
 DECODE_ORDER = [0, 1, 2, 6, 3, 4, 20, 15, 5, 7, 8, 9, 10, 13, 14]
-PREPARED_ARGS = dict(
-    size=SIZE, label_columns=["stenosis", "view"], vocab_size=200, examples_per_shard=2
+PREPARED_ARGS = dict(  # PNG: lossless, so stored frames can be compared exactly
+    size=SIZE, label_columns=["stenosis", "view"], vocab_size=200, examples_per_shard=2,
+    frame_format="png",
 )
 
 
@@ -538,6 +539,7 @@ def test_synthetic_studies_go_through_prepare(tmp_path):
         size=SIZE,
         label_columns=["left_max_stenosis", "view"],
         vocab_size=100,
+        frame_format="png",
     )
     assert report["failed"] == []
     with open(manifest, encoding="utf-8") as f:
