@@ -298,16 +298,23 @@ def test_scale_rotate_jitter_box_matches_numpy_affine():
             y0, x0, y1, x1 = rect
             corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], np.float64)
             mapped = _forward(corners, zoom, angle, HEIGHT, WIDTH)
-            (left, top), (right, bottom) = mapped.min(axis=0), mapped.max(axis=0)
-            bound = np.array([top / HEIGHT, left / WIDTH, bottom / HEIGHT, right / WIDTH])
-            clipped = np.clip(bound, 0, 1)
-            np.testing.assert_allclose(box, clipped, atol=2e-4, rtol=0)
-            area = (bound[2] - bound[0]) * (bound[3] - bound[1])
-            share = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]) / area
-            if abs(share - 0.5) > 1e-3:
-                assert visible == (share >= 0.5)
-                outcomes.append(bool(visible))
+            _check_mapped_box(box, visible, mapped, HEIGHT, WIDTH, outcomes)
     assert any(outcomes) and not all(outcomes)
+
+
+def _check_mapped_box(box, visible, mapped_xy, height, width, outcomes: list) -> None:
+    """The op's box is the clipped bound of the mapped corners (output pixels), and
+    it is visible when at least half of that bound is in the frame (cases at exactly
+    half, up to rounding, are skipped; the others are appended to `outcomes`)."""
+    (left, top), (right, bottom) = mapped_xy.min(axis=0), mapped_xy.max(axis=0)
+    bound = np.array([top / height, left / width, bottom / height, right / width])
+    clipped = np.clip(bound, 0, 1)
+    np.testing.assert_allclose(box, clipped, atol=2e-4, rtol=0)
+    area = (bound[2] - bound[0]) * (bound[3] - bound[1])
+    share = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]) / area
+    if abs(share - 0.5) > 1e-3:
+        assert visible == (share >= 0.5)
+        outcomes.append(bool(visible))
 
 
 def test_crop_visibility_drops_boxes_cut_by_more_than_half():
@@ -509,15 +516,7 @@ def test_fused_boxes_follow_the_window_then_the_rotation():
             corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], np.float64)
             in_crop = (corners - [left, top]) / [crop_w, crop_h] * [48, 40]  # output pixels
             mapped = _forward(in_crop, zoom, angle, 40, 48)
-            (lo_x, lo_y), (hi_x, hi_y) = mapped.min(axis=0), mapped.max(axis=0)
-            bound = np.array([lo_y / 40, lo_x / 48, hi_y / 40, hi_x / 48])
-            clipped = np.clip(bound, 0, 1)
-            np.testing.assert_allclose(box, clipped, atol=2e-4, rtol=0)
-            area = (bound[2] - bound[0]) * (bound[3] - bound[1])
-            share = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]) / area
-            if abs(share - 0.5) > 1e-3:
-                assert visible == (share >= 0.5)
-                outcomes.append(bool(visible))
+            _check_mapped_box(box, visible, mapped, 40, 48, outcomes)
     assert any(outcomes) and not all(outcomes)
 
 
