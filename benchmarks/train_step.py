@@ -239,27 +239,12 @@ def largest_fitting(
 
 
 def abstract_batch(
-    batch_size: int,
-    video_shape: Sequence[int],
-    text_len: int,
-    caption_len: int,
-    with_tasks: bool = False,
-    findings: bool = True,
+    example: Mapping[str, np.ndarray], batch_size: int
 ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes and dtypes of `random_batch`'s output, nothing allocated."""
-    extra = {}
-    if findings:
-        extra["findings_id"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
-    if with_tasks:
-        extra["locca_task"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
+    """The shapes and dtypes of a `random_batch` like `example` with `batch_size` rows,
+    nothing allocated."""
     return {
-        **extra,
-        "video": jax.ShapeDtypeStruct((batch_size, *video_shape), np.float32),
-        "text_ids": jax.ShapeDtypeStruct((batch_size, text_len), np.int32),
-        "text_mask": jax.ShapeDtypeStruct((batch_size, text_len), np.bool_),
-        "caption_in": jax.ShapeDtypeStruct((batch_size, caption_len), np.int32),
-        "caption_out": jax.ShapeDtypeStruct((batch_size, caption_len), np.int32),
-        "caption_mask": jax.ShapeDtypeStruct((batch_size, caption_len), np.bool_),
+        k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype) for k, v in example.items()
     }
 
 
@@ -296,17 +281,17 @@ def find_batch(
     tx: optax.GradientTransformation,
     schedules: Mapping[str, Callable],
     abstract_state: run_lib.TrainState,
+    example: Mapping[str, np.ndarray],
     *,
     mesh: Mesh,
     shardings: run_lib.TrainState,
-    video_shape: Sequence[int],
     start: int,
     multiple: int,
     max_batch: int,
     memory_bytes: int | None,
 ) -> int:
-    """`largest_fitting` for the train step of `config`, by compiling it; emits each
-    try's memory and the answer."""
+    """`largest_fitting` for the train step of `config` on batches like `example` (a
+    `random_batch`), by compiling it; emits each try's memory and the answer."""
     devices = jax.local_devices()
     scope, available = memory_lib.available_bytes(devices)
     if memory_bytes is not None:
@@ -318,14 +303,7 @@ def find_batch(
     step = jitted_step(config, model, tx, schedules, mesh, shardings)
 
     def fits(batch_size: int) -> bool:
-        batch = abstract_batch(
-            batch_size,
-            video_shape,
-            config.input.text_max_len,
-            config.input.caption_max_len,
-            with_tasks=bool(task_weights(config)),
-            findings=run_lib.positive_ids_key(config) == "findings_id",
-        )
+        batch = abstract_batch(example, batch_size)
         start_time = time.perf_counter()
         compiled = step.lower(abstract_state, batch).compile()
         sizes = memory_lib.step_bytes(compiled)
@@ -495,9 +473,9 @@ def run(args: argparse.Namespace) -> None:
                 tx,
                 schedules,
                 abstract_state,
+                example,
                 mesh=mesh,
                 shardings=shardings,
-                video_shape=video_shape,
                 start=options["batch_size"],
                 multiple=multiple,
                 max_batch=args.max_batch,

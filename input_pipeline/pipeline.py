@@ -492,19 +492,6 @@ def _padding_example(element_spec: dict) -> dict:
     return padding
 
 
-class InputIterator:
-    """Iterates a dataset as numpy batches."""
-
-    def __init__(self, dataset: tf.data.Dataset):
-        self._iterator = iter(dataset)
-
-    def __iter__(self) -> InputIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
-
-
 POSITION_FILE = "position.json"
 
 

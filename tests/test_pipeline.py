@@ -76,8 +76,7 @@ def dataset(tmp_path_factory) -> dict:
 
 
 def _batches(ds, count: int) -> list[dict]:
-    iterator = pipeline.InputIterator(ds)
-    return [next(iterator) for _ in range(count)]
+    return list(ds.take(count).as_numpy_iterator())
 
 
 def test_train_batches_have_the_right_types_shapes_and_values(dataset):
@@ -172,7 +171,7 @@ def test_eval_covers_every_example_once_in_order_with_equal_batch_counts(dataset
         ds = pipeline.make_eval_dataset(
             dataset["dir"], "train", pp, 3, process_index=index, process_count=2
         )
-        batches = list(pipeline.InputIterator(ds))
+        batches = list(ds.as_numpy_iterator())
         assert len(batches) == ds.cardinality().numpy() == 3
         for batch in batches:
             rows.extend(batch["row"].tolist())
@@ -319,7 +318,7 @@ def test_global_batch_on_eight_devices(dataset):
     with pytest.raises(ValueError, match="holds strings"):
         pipeline.global_batch({"report": np.array([b"x"] * 8)}, jax.make_mesh((8,), ("data",)))
     pp = "decode_sample_frames(4)|resize(8)|value_range(-1, 1)|keep('video', 'row')"
-    batch = next(pipeline.InputIterator(pipeline.make_eval_dataset(dataset["dir"], "train", pp, 8)))
+    batch = next(pipeline.make_eval_dataset(dataset["dir"], "train", pp, 8).as_numpy_iterator())
     arrays = pipeline.global_batch(batch, jax.make_mesh((8,), ("data",)))
     assert arrays["video"].shape == (8, 4, 8, 8, 1) and arrays["_mask"].dtype == bool
     np.testing.assert_array_equal(np.asarray(arrays["row"]), np.arange(8))
