@@ -49,11 +49,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import mean_absolute_error, roc_auc_score
-from sklearn.preprocessing import StandardScaler
 
 from evaluators import common
+
+# scikit-learn is imported where it is used: the import takes about a second and a
+# half of CPU, which every process that registers the evaluators (every training run)
+# would otherwise pay for a probe it may not run.
 
 BOOTSTRAP_CHUNK = 128  # resamples scored together by `weighted_aurocs`
 _NEWTON_MAX_STEPS = 100
@@ -94,6 +95,9 @@ def _check_fit_inputs(
 def fit_ridge(features: np.ndarray, labels: np.ndarray, l2: float) -> LinearHead:
     """Ridge regression: argmin sum (y - x.w - b)^2 + l2 ||w||^2 on standardised x,
     in closed form (``Ridge(alpha=l2, solver='cholesky')``)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
     features, labels = _check_fit_inputs(features, labels, l2, "fit_ridge")
     scaler = StandardScaler().fit(features)
     ridge = Ridge(alpha=l2, solver="cholesky").fit(scaler.transform(features), labels)
@@ -107,6 +111,9 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float) -> LinearH
     z = x.w + b: ``LogisticRegression(C=1 / l2, solver='newton-cholesky')``.
     Labels must hold both 0 and 1.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     features, labels = _check_fit_inputs(features, labels, l2, "fit_logistic")
     if not np.all((labels == 0) | (labels == 1)) or len(np.unique(labels)) != 2:
         raise ValueError("fit_logistic: labels must be 0 or 1, with both present")
@@ -133,6 +140,8 @@ def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str) -> tuple[np
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve (``roc_auc_score``): P(score of a positive > score of a
     negative), ties counting one half."""
+    from sklearn.metrics import roc_auc_score
+
     scores, labels = _check_binary(scores, labels, "auroc")
     if len(np.unique(labels)) != 2:
         raise ValueError("auroc: labels must hold both classes")
@@ -145,6 +154,8 @@ def within_group_auroc(scores: np.ndarray, labels: np.ndarray, groups: Sequence)
     weighted alike. What a score knows beyond its group (for example a view's anatomy):
     a score that only tells groups apart gets 0.5. NaN when no group holds both classes.
     """
+    from sklearn.metrics import roc_auc_score
+
     scores, labels = _check_binary(scores, labels, "within_group_auroc")
     groups = _group_ids(groups)
     if groups.shape != labels.shape:
@@ -263,6 +274,8 @@ def probe_metrics(
                         "train" if not len(train_labels) else "eval")
         return {}
     if not is_binary(train_labels, eval_labels):
+        from sklearn.metrics import mean_absolute_error
+
         head = fit_ridge(train_features, train_labels, l2)
         mae = mean_absolute_error(eval_labels, head.predict(eval_features))
         # What knowing nothing of the video gives: the train median for every example.

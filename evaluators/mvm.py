@@ -38,8 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from deepcoro_jax import paths
 from deepcoro_jax.models.mvm import patchify, unpatchify
@@ -253,6 +251,11 @@ def draw_reconstructions(
     strips: per video, (original, masked input, reconstruction), each [T, H, W, C]
     with C 1 (grey) or 3 (RGB); rows: their manifest rows (row labels).
     """
+    # Imported here, as the other evaluators' heavy libraries are: only writing the
+    # figure needs matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     num_frames = strips[0][0].shape[0]
     frames = np.unique(np.linspace(0, num_frames - 1, min(num_frames_shown, num_frames))
                        .round().astype(int))

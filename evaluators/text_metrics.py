@@ -23,7 +23,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import sacrebleu
-from rouge_score import rouge_scorer
 
 CIDER_MAX_N = 4
 CIDER_SIGMA = 6.0
@@ -54,6 +53,10 @@ def bleu4(generated: Sequence[str], references: Sequence[str]) -> float:
 def rouge_l(generated: Sequence[str], references: Sequence[str]) -> float:
     """Mean over pairs of the ROUGE-L F-measure in [0, 1] (rouge-score; its tokeniser
     lowercases and keeps runs of letters and digits, no stemming)."""
+    # Imported here: rouge-score loads NLTK (about 1.5 s of CPU), which every process
+    # that registers the evaluators would pay otherwise.
+    from rouge_score import rouge_scorer
+
     _check_pairs(generated, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     scores = [scorer.score(reference, candidate)["rougeL"].fmeasure

@@ -554,7 +554,11 @@ class TrainIterator:
         }
         self._process_index = process_index
         self.position = 0
-        self.element_spec = self._make(0).element_spec
+        # The stream from position 0 gives the element spec, and the first batch unless
+        # a restore moves the position (building a stream traces its functions: about
+        # a second).
+        self._dataset_at_start = self._make(0)
+        self.element_spec = self._dataset_at_start.element_spec
         # Made at the first batch, from the position restored by then: an iterator is
         # never replaced while its readers are busy.
         self._iterator = None
@@ -565,7 +569,11 @@ class TrainIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
-            self._iterator = iter(self._make(self.position))
+            dataset = self._dataset_at_start
+            if dataset is None or self.position != 0:
+                dataset = self._make(self.position)
+            self._dataset_at_start = None
+            self._iterator = iter(dataset)
         batch = tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
         self.position += self.global_batch
         return batch

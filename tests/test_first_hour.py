@@ -42,7 +42,8 @@ DEMO_FLAGS = " ".join(
         "--config.total_steps=4",
         "--config.optim.schedule.warmup_steps=1",
         # A constant rate: its step does not depend on total_steps, so `make demo` again
-        # with more steps loads the compiled step instead of compiling it anew.
+        # with more steps (and the run on "your data") loads the compiled step instead of
+        # compiling it anew.
         "--config.optim.schedule.decay_type=constant",
         "--config.ckpt_steps=2",
         "--config.log_training_steps=2",
@@ -172,11 +173,12 @@ def _train_on_your_data(user) -> subprocess.CompletedProcess:
         ".venv/bin/python -m input_pipeline.prepare --manifest data/manifest.csv "
         "--out data/prepared --size 64 --workers 2 --label_columns left_significant",
     )
+    # The README's flags; float32 and the demo's shapes and schedule: the demo's step.
+    flags = DEMO_FLAGS.replace("--config.total_steps=4", "--config.total_steps=1")
     return _shell(
         user,
         ".venv/bin/python launch.py --config configs/multitask.py:runlocal,data=data/prepared "
-        "--workdir runs/mine --config.model.dtype=bfloat16 --config.total_steps=1 "
-        "--config.input.batch_size=8 --config.optim.schedule.warmup_steps=0 --config.evals='{}' "
+        f"--workdir runs/mine --config.model.dtype=float32 {flags} --config.evals='{{}}'",
     )
 
 
