@@ -171,9 +171,11 @@ def _train_on_your_data(user) -> subprocess.CompletedProcess:
     _shell(
         user,
         ".venv/bin/python -m input_pipeline.prepare --manifest data/manifest.csv "
-        "--out data/prepared --size 64 --workers 2 --label_columns left_significant",
+        "--out data/prepared --size 64 --workers 2 --label_columns left_significant "
+        "--boxes data/boxes.jsonl",
     )
-    # The README's flags; float32 and the demo's shapes and schedule: the demo's step.
+    # The README's flags; float32, the demo's shapes and schedule, and lesion boxes (the
+    # location tasks): the demo's train step, loaded instead of compiled.
     flags = DEMO_FLAGS.replace("--config.total_steps=4", "--config.total_steps=1")
     return _shell(
         user,
