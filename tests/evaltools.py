@@ -38,8 +38,6 @@ def micro_config() -> ml_collections.ConfigDict:
     """The runlocal recipe shrunk for tests (4 x 32 x 32 clips, one-layer towers)."""
     config = multitask_config.get_config("runlocal")
     config.input.batch_size = 8
-    # A small shuffle buffer: filling (and checkpointing) the recipe's 200 clips costs
-    # seconds per run here, and 8 studies' clips are fewer than that.
     config.input.text_max_len = 32
     # Room for the location tasks: a lesion phrase takes up to 35 ids of this tiny set's
     # tokenizer, and a referring expression is <aref>, the phrase and a box.
