@@ -383,8 +383,6 @@ def read_split(
     *,
     process_index: int = 0,
     process_count: int = 1,
-    shuffle_files: bool = False,
-    seed: int | None = None,
     decode_frames: bool = False,
 ) -> tf.data.Dataset:
     """One process's part of a split, as a tf.data.Dataset of example dicts.
@@ -392,7 +390,7 @@ def read_split(
     The split is divided into `process_count` disjoint, near-equal parts that
     together hold every example once (``tfds.even_splits``); this process reads
     part `process_index`. Frames stay encoded (a string each, ``[T]``) unless
-    `decode_frames`. Without `shuffle_files` the order is the written order.
+    `decode_frames`. Examples come in their written order.
     """
     ds_builder = builder(data_dir)
     if split not in ds_builder.info.splits:
@@ -402,11 +400,8 @@ def read_split(
     part = tfds.even_splits(split, n=process_count)[process_index]
     decoders = None if decode_frames else {"frames": tfds.decode.SkipDecoding()}
     read_config = tfds.ReadConfig(
-        shuffle_seed=seed,
-        interleave_cycle_length=16 if shuffle_files else 1,
-        skip_prefetch=True,
-        try_autocache=False,
+        interleave_cycle_length=1, skip_prefetch=True, try_autocache=False
     )
     return ds_builder.as_dataset(
-        split=part, shuffle_files=shuffle_files, decoders=decoders, read_config=read_config
+        split=part, shuffle_files=False, decoders=decoders, read_config=read_config
     )
